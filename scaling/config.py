@@ -1,0 +1,359 @@
+"""The recipe schema: dataclasses, YAML loading, --section.key=value overrides, validation.
+
+Every mistake a user can make in a recipe or on the command line becomes a ConfigError with
+one line that names the key; the entry points print it and exit with code 2.
+"""
+
+import dataclasses
+import difflib
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from scaling.model import SIZES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def opt(default, doc, choices=None):
+    """A config field with its one-line documentation (shown by --help) and allowed values."""
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    size: str | None = opt(None, "named size; n_layer/n_head/n_embd override it", list(SIZES))
+    n_layer: int | None = opt(None, "number of transformer blocks")
+    n_head: int | None = opt(None, "attention heads per block")
+    n_embd: int | None = opt(None, "model width")
+    block_size: int = opt(1024, "longest sequence the model accepts (position table size)")
+    vocab_size: int | None = opt(None, "vocabulary size; null takes the dataset's tokenizer size")
+    dropout: float = opt(0.0, "dropout probability (0 for pre-training, as in nanoGPT)")
+    bias: bool = opt(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    init_from: str | None = opt(None, "start from these weights: a Hugging Face GPT-2 folder, a nanoGPT "
+                                "ckpt.pt, or our checkpoint / .pt (see python -m scaling.convert)")
+
+
+@dataclass
+class DataConfig:
+    root: str = opt("data", "folder holding prepared datasets")
+    dataset: str = opt("embedded", "dataset name: token files in <root>/<dataset>/")
+    tokenizer: str | None = opt(None, "expected tokenizer (checked against the dataset's meta.json)",
+                                ["byte", "char", "gpt2"])
+
+
+@dataclass
+class TrainConfig:
+    seed: int = opt(1337, "seed for initialisation, data order and dropout")
+    max_steps: int = opt(1000, "optimizer steps to train for")
+    seq_len: int | None = opt(None, "tokens per sample; null means model.block_size")
+    micro_batch_size: int = opt(12, "sequences per forward/backward on one rank")
+    global_batch_size: int | None = opt(
+        None, "sequences per optimizer step over all ranks; null means micro_batch_size x data-parallel ranks")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables")
+    eval_every: int = opt(250, "steps between validation passes; 0 disables")
+    eval_sequences: int = opt(240, "validation sequences per evaluation (the first ones of the split, every time)")
+    dtype: str = opt("fp32", "compute dtype: fp32, or bf16 autocast (CPU and CUDA)", ["fp32", "bf16"])
+    device: str = opt("auto", "auto picks cuda when present, else cpu", ["auto", "cpu", "cuda"])
+    on_nonfinite: str = opt("stop", "a NaN/inf loss or gradient norm: stop the run (the last checkpoint "
+                            "stays as it was), or skip that batch's update", ["stop", "skip"])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(6e-4, "peak learning rate")
+    min_lr: float = opt(6e-5, "learning rate at the end of the decay")
+    warmup_steps: int = opt(2000, "linear warmup steps from 0 to lr")
+    decay_steps: int | None = opt(None, "steps of cosine decay after warmup; null means until max_steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on biases, norms)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = opt(1, "data-parallel replicas (DDP; with dp_shard > 1, HSDP); -1 = the rest")
+    dp_shard: int = opt(-1, "FSDP shard degree; -1 = the rest of the world size")
+    tp: int = opt(1, "tensor-parallel degree (heads and MLP split across ranks)")
+    activation_checkpoint: str = opt("none", "recompute block activations in backward: none, full (every "
+                                     "block) or selective (every ac_every-th block)", ["none", "full", "selective"])
+    ac_every: int = opt(2, "with selective activation checkpointing, checkpoint every n-th block")
+    compile: bool | None = opt(None, "torch.compile each block; null: on for CUDA, off for CPU")
+    reshard_after_forward: bool = opt(True, "FSDP: free gathered block parameters after forward "
+                                      "(less memory, one more all-gather in backward)")
+    sequence_parallel: bool = opt(True, "TP: split LayerNorm/dropout activations over the sequence too")
+    loss_parallel: bool = opt(True, "TP: keep logits sharded over the vocabulary through the loss")
+    timeout_s: int = opt(600, "seconds a collective may wait before the run fails")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(0, "steps between checkpoints; 0 saves only at the end")
+    keep: int = opt(3, "newest checkpoints to keep; 0 keeps all")
+    keep_every: int = opt(0, "also keep every checkpoint whose step is a multiple of this, for good; 0: none")
+    resume: str = opt("auto", "auto (newest complete in run_dir), none, or a checkpoint or run folder")
+    async_save: bool = opt(True, "write checkpoints in the background while training continues")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = opt(10, "steps between metric lines")
+    run_dir: str | None = opt(None, "where metrics and checkpoints go; null means runs/<recipe name>")
+    wandb: bool = opt(False, "also log to Weights & Biases")
+    wandb_project: str = opt("scaling", "wandb project")
+    wandb_mode: str = opt("online", "online, or offline (no network, no account; wandb sync later)",
+                          ["online", "offline"])
+    profile_steps: str | None = opt(None, "record a torch.profiler trace of these steps, e.g. '10-12', "
+                                    "into <run_dir>/profile/")
+    sample_tokens: int = opt(0, "tokens to sample and print at the end of training; 0 disables")
+    sample_prompt: str = opt("\n", "prompt for the end-of-training sample")
+
+
+@dataclass
+class Config:
+    name: str = opt("run", "recipe name (the file's stem)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)]
+
+
+def _section_types():
+    return {f.name: f.type for f in dataclasses.fields(Config) if f.name in SECTIONS}
+
+
+def _nearest(word, options):
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_type(key, value, hint):
+    """Return value converted to the field's type, or raise ConfigError naming the key."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def _set(cfg: Config, key: str, value):
+    """Set 'section.field' on cfg with type checking; unknown keys name the nearest valid one."""
+    all_keys = [f"{s}.{f.name}" for s, t in _section_types().items() for f in dataclasses.fields(t)]
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"{key}: unknown key{_nearest(key, all_keys + SECTIONS)}")
+    section = getattr(cfg, parts[0])
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    f = fields.get(parts[1])
+    if f is None:
+        raise ConfigError(f"{key}: unknown key{_nearest(key, all_keys)}")
+    hint = typing.get_type_hints(type(section))[f.name]
+    value = _check_type(key, value, hint)
+    choices = f.metadata.get("choices")
+    if choices and value is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    setattr(section, f.name, value)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 6e-4 as a string (it wants 6.0e-4); users mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*)?\.\d+$|^[-+]?\d[\d_]*\.$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _parse_value(text: str):
+    """Command-line values are YAML scalars: 3 -> int, 3e-4 -> float, true -> bool, null -> None."""
+    try:
+        return _yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
+    """['--a.b=c', '--d.e', 'f'] -> [('a.b', c), ('d.e', f)]."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"{arg}: expected --section.key=value")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"{arg[2:]}: no value given (use --{arg[2:]}=VALUE)")
+        out.append((key, _parse_value(text)))
+        i += 1
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Recipe file (may be None for all defaults) + overrides -> validated Config."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            raw = _yaml(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)})")
+        cfg.name = str(raw.pop("name", p.stem))  # a resolved config.yaml carries its name
+        for section, values in raw.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{section}: unknown section{_nearest(str(section), SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+            for k, v in values.items():
+                _set(cfg, f"{section}.{k}", v)
+    for key, value in parse_overrides(list(overrides)):
+        _set(cfg, key, value)
+    resolve(cfg)
+    return cfg
+
+
+def resolve(cfg: Config):
+    """Fill derived values and check the combinations a single field cannot check."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    if m.size is not None:
+        for name, n in zip(("n_layer", "n_head", "n_embd"), SIZES[m.size]):
+            if getattr(m, name) is None:
+                setattr(m, name, n)
+    for name in ("n_layer", "n_head", "n_embd"):
+        if getattr(m, name) is None:
+            raise ConfigError(f"model.{name}: not set (give model.size or all of n_layer, n_head, n_embd)")
+    _positive(cfg, "model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
+              "train.max_steps", "train.micro_batch_size", "train.eval_sequences", "logging.every")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout: {m.dropout} is not in [0, 1)")
+    if t.seq_len is None:
+        t.seq_len = m.block_size
+    _positive(cfg, "train.seq_len")
+    if t.seq_len > m.block_size:
+        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.block_size={m.block_size}")
+    if t.global_batch_size is not None:
+        _positive(cfg, "train.global_batch_size")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size={t.micro_batch_size}")
+    _resolve_parallel(cfg)
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr: {o.min_lr} is larger than optim.lr={o.lr}")
+    for key in ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
+                "logging.sample_tokens"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    if cfg.logging.run_dir is None:
+        cfg.logging.run_dir = f"runs/{cfg.name}"
+
+
+def _resolve_parallel(cfg: Config):
+    """Replace -1 degrees by numbers for the world size the launcher set, and check the layout
+    against the model and the batch before any process group exists."""
+    from scaling.distributed import world_size
+    from scaling.parallel.dims import check_model, resolve_dims
+
+    p, t = cfg.parallel, cfg.train
+    dims = resolve_dims(p, world_size())
+    check_model(dims, cfg.model.n_head, cfg.model.n_embd)
+    if p.sequence_parallel and t.seq_len % dims.tp:
+        raise ConfigError(f"train.seq_len: {t.seq_len} is not divisible by parallel.tp={dims.tp} "
+                          "(sequence parallelism splits it)")
+    p.dp_replicate, p.dp_shard, p.tp = dims.dp_replicate, dims.dp_shard, dims.tp
+    per_step = t.micro_batch_size * dims.dp
+    if t.global_batch_size is None:
+        t.global_batch_size = per_step
+    elif t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dims.dp}")
+    if p.ac_every < 1:
+        raise ConfigError(f"parallel.ac_every: must be > 0, got {p.ac_every}")
+
+
+def _get(cfg, key):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _positive(cfg, *keys):
+    for key in keys:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path):
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_help() -> str:
+    """Every key with its type, default and documentation: the output of --help."""
+    lines = []
+    for section, t in _section_types().items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(t)
+        for f in dataclasses.fields(t):
+            typ = str(hints[f.name]).replace("NoneType", "None").replace("<class '", "").replace("'>", "")
+            lines.append(f"  {section}.{f.name} ({typ}, default {f.default!r}): {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def main_with_config(argv: list[str], usage: str):
+    """Parse 'RECIPE [--a.b=c ...]' for an entry point; bad input exits 2 with one line."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage + "\n\n" + config_help())
+        sys.exit(0)
+    if not argv or argv[0].startswith("--"):
+        die(f"usage: {usage}")
+    try:
+        return load_config(argv[0], argv[1:])
+    except ConfigError as e:
+        die(str(e))
+
+
+def die(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,108 @@
+"""Tokenizers: GPT-2 BPE (tiktoken), bytes, and characters. A dataset's meta.json names its own.
+
+GPT-2 BPE is downloaded by tiktoken on first use. Offline, point TIKTOKEN_CACHE_DIR at a folder
+made by `python -m scaling.tokenizer --cache DIR --from BPE_DIR` (BPE_DIR holding OpenAI's
+vocab.bpe and encoder.json).
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; 256 marks the end of a document."""
+    name = "byte"
+    vocab_size = 257
+    eot = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet (nanoGPT's shakespeare_char)."""
+    name = "char"
+    eot = None
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self.index = {c: i for i, c in enumerate(chars)}
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.index[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this dataset's alphabet") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class GPT2Tokenizer:
+    name = "gpt2"
+    vocab_size = 50257
+    eot = 50256
+
+    def __init__(self):
+        import tiktoken
+        self.enc = tiktoken.get_encoding("gpt2")
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+
+def get_tokenizer(name: str, meta: dict | None = None):
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "char":
+        return CharTokenizer((meta or {})["chars"])
+    raise ValueError(f"unknown tokenizer {name!r} (byte, char, gpt2)")
+
+
+# tiktoken caches each file under the sha1 of its URL.
+GPT2_FILES = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+def fill_gpt2_cache(bpe_dir: str | Path, cache_dir: str | Path) -> Path:
+    """Copy vocab.bpe and encoder.json into a tiktoken cache folder under the names tiktoken
+    looks for, so that get_encoding('gpt2') works with TIKTOKEN_CACHE_DIR=cache_dir offline."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for fname, url in GPT2_FILES.items():
+        src = Path(bpe_dir) / fname
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} not found (need vocab.bpe and encoder.json)")
+        shutil.copyfile(src, cache_dir / hashlib.sha1(url.encode()).hexdigest())
+    return cache_dir
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Fill a tiktoken cache for offline GPT-2 BPE.")
+    ap.add_argument("--cache", default=os.environ.get("TIKTOKEN_CACHE_DIR"), required=False)
+    ap.add_argument("--from", dest="src", required=True, help="folder with vocab.bpe and encoder.json")
+    a = ap.parse_args()
+    if not a.cache:
+        ap.error("--cache (or TIKTOKEN_CACHE_DIR) is required")
+    print(f"export TIKTOKEN_CACHE_DIR={fill_gpt2_cache(a.src, a.cache).resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Recipes and the command line: overrides, resolution, and one-line errors for bad input."""
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY, run_module
+from scaling.config import ConfigError, load_config
+
+DEMO = ROOT / "recipes" / "cpu_demo.yaml"
+
+
+def assert_cli_error(args, *fragments):
+    """scaling.train exits 2 with a single 'error: ...' line naming what is wrong."""
+    p = run_module("scaling.train", *args, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    assert "Traceback" not in p.stderr
+
+
+def test_unknown_key_names_the_nearest_valid_key():
+    assert_cli_error([DEMO, "--model.n_layr=3"], "model.n_layr", "did you mean model.n_layer?")
+
+
+def test_wrong_type_names_the_key_and_expected_type():
+    assert_cli_error([DEMO, "--train.max_steps=ten"], "train.max_steps", "expected int", "'ten'")
+
+
+def test_missing_recipe_file_is_reported():
+    assert_cli_error(["recipes/no_such_recipe.yaml"], "recipe not found", "no_such_recipe.yaml")
+
+
+def test_n_embd_not_divisible_by_n_head_is_rejected():
+    assert_cli_error([DEMO, "--model.n_head=3"], "model.n_embd", "not divisible", "n_head=3")
+
+
+def test_global_batch_not_divisible_by_micro_batch_is_rejected():
+    assert_cli_error([DEMO, "--train.global_batch_size=20", "--train.micro_batch_size=8"],
+                     "train.global_batch_size", "20", "micro_batch_size=8")
+
+
+def test_unknown_section_in_recipe_file_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle:\n  n_layer: 2\n")
+    assert_cli_error([bad], "modle", "did you mean model?")
+
+
+def test_choice_outside_the_allowed_values_is_rejected():
+    assert_cli_error([DEMO, "--train.dtype=fp8"], "train.dtype", "fp32, bf16")
+
+
+def test_unknown_dataset_names_its_prepare_command(tmp_path):
+    assert_cli_error([DEMO, f"--data.root={tmp_path}", "--data.dataset=openwebtext"],
+                     "openwebtext", "data/openwebtext/prepare.py")
+
+
+def test_overrides_take_yaml_scalars():
+    cfg = load_config(TINY, ["--optim.lr=6e-4", "--model.dropout", "0.1", "--parallel.compile=true",
+                             "--train.seq_len=null"])
+    assert cfg.optim.lr == 6e-4 and cfg.model.dropout == 0.1 and cfg.parallel.compile is True
+    assert cfg.train.seq_len == cfg.model.block_size
+
+
+def test_ints_are_accepted_for_float_keys_but_not_bools_for_ints():
+    assert load_config(TINY, ["--optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="train.max_steps: expected int"):
+        load_config(TINY, ["--train.max_steps=true"])
+
+
+def test_size_fills_the_shape_and_explicit_keys_win():
+    cfg = load_config(TINY, ["--model.size=gpt2", "--model.n_layer=2"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (2, 12, 768)
+
+
+def test_seq_len_longer_than_block_size_is_rejected():
+    with pytest.raises(ConfigError, match="train.seq_len: 128 exceeds model.block_size=64"):
+        load_config(TINY, ["--train.seq_len=128"])
+
+
+def test_run_dir_defaults_to_runs_slash_recipe_name():
+    assert load_config(DEMO).logging.run_dir == "runs/cpu_demo"
+
+
+def test_resolved_config_is_written_and_loads_back(tmp_path):
+    from scaling.config import save_config
+    cfg = load_config(DEMO, ["--train.max_steps=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["n_layer"] == 4
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_help_lists_every_key_with_its_documentation():
+    p = run_module("scaling.train", "--help", timeout=120)
+    assert p.returncode == 0
+    assert "train.micro_batch_size (int, default 12): sequences per forward/backward" in p.stdout

@@ -1,0 +1,135 @@
+"""The GPT-2 model: parity with Hugging Face, exact sizes, initialisation, generation."""
+
+import math
+
+import pytest
+import torch
+
+from scaling.convert import hf_to_ours, ours_to_hf
+from scaling.model import GPT, SIZES, gpt_config
+
+GPT2_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
+               "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+def hf_model(n_layer, n_head, n_embd, n_positions, vocab_size, dropout):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                  n_positions=n_positions, vocab_size=vocab_size, resid_pdrop=dropout,
+                                  embd_pdrop=dropout, attn_pdrop=dropout)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("shape", [
+    dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=1000, dropout=0.0),
+    dict(n_layer=3, n_head=6, n_embd=96, n_positions=64, vocab_size=503, dropout=0.1),
+])
+def test_logits_equal_huggingface_gpt2_with_the_same_weights(shape):
+    hf = hf_model(**shape)
+    ours = GPT(gpt_config(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
+                          block_size=shape["n_positions"], vocab_size=shape["vocab_size"],
+                          dropout=shape["dropout"], bias=True)).eval()
+    ours.load_state_dict(hf_to_ours(hf.state_dict(), shape["n_layer"]))
+    idx = torch.randint(0, shape["vocab_size"], (3, shape["n_positions"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_export_to_huggingface_layout_round_trips():
+    ours = GPT(gpt_config("tiny", vocab_size=300, block_size=32))
+    ours.init_weights(3)
+    sd = ours.state_dict()
+    back = hf_to_ours(ours_to_hf(sd, 2), 2)
+    assert sd.keys() == back.keys()
+    assert all(torch.equal(sd[k], back[k]) for k in sd)
+
+
+@pytest.mark.parametrize("size", list(GPT2_PARAMS))
+def test_gpt2_sizes_have_gpt2_parameter_counts(size):
+    with torch.device("meta"):
+        model = GPT(gpt_config(size))
+    assert model.num_params() == GPT2_PARAMS[size]
+
+
+def test_embedding_and_lm_head_share_one_tensor():
+    model = GPT(gpt_config("tiny", vocab_size=100, block_size=16))
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_tie_survives_meta_init_when_retied():
+    with torch.device("meta"):
+        model = GPT(gpt_config("tiny", vocab_size=100, block_size=16))
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_weights(0)
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_init_uses_gpt2_std_with_scaled_residual_projections():
+    model = GPT(gpt_config(n_layer=8, n_head=4, n_embd=256, vocab_size=2000, block_size=64))
+    model.init_weights(0)
+    resid = 0.02 / math.sqrt(2 * 8)
+    assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(resid, rel=0.02)
+    assert model.blocks[3].attn.proj.weight.std().item() == pytest.approx(resid, rel=0.02)
+    assert torch.all(model.blocks[0].attn.q.bias == 0)
+    assert torch.all(model.ln_f.weight == 1)
+
+
+def test_init_depends_only_on_seed_and_parameter_name():
+    a = GPT(gpt_config("tiny", vocab_size=100, block_size=16))
+    b = GPT(gpt_config(n_layer=4, n_head=2, n_embd=64, vocab_size=100, block_size=16))
+    a.init_weights(7)
+    b.init_weights(7)
+    # b has more layers, created in another order of RNG use, yet shared names draw the same values
+    assert torch.equal(a.blocks[1].attn.k.weight, b.blocks[1].attn.k.weight)
+    a.init_weights(8)
+    assert not torch.equal(a.blocks[1].attn.k.weight, b.blocks[1].attn.k.weight)
+
+
+def test_attention_is_causal():
+    model = GPT(gpt_config("tiny", vocab_size=50, block_size=16)).eval()
+    idx = torch.randint(0, 50, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 50
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_longer_than_block_size_is_refused():
+    model = GPT(gpt_config("tiny", vocab_size=50, block_size=8))
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_generate_appends_tokens_and_top_k_1_is_greedy():
+    model = GPT(gpt_config("tiny", vocab_size=50, block_size=8)).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    greedy = model.generate(idx, 12, temperature=0)  # longer than block_size: context is cropped
+    top1 = model.generate(idx, 12, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert greedy.shape == (1, 15) and torch.equal(greedy[:, :3], idx)
+    assert torch.equal(greedy, top1)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    model = GPT(gpt_config("tiny", vocab_size=50, block_size=8)).eval()
+    idx = torch.tensor([[1]])
+    a = model.generate(idx, 10, generator=torch.Generator().manual_seed(5))
+    b = model.generate(idx, 10, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_flops_per_token_follows_the_palm_formula_for_gpt2():
+    with torch.device("meta"):
+        model = GPT(gpt_config("gpt2"))
+    n = 124_439_808 - 1024 * 768  # position table is a lookup, not a matmul
+    assert model.flops_per_token(1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_small_sizes_are_well_formed():
+    for name, (layers, heads, width) in SIZES.items():
+        assert width % heads == 0, name
