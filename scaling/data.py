@@ -1,0 +1,168 @@
+"""Token files and the distributed, exactly resumable loader that reads them.
+
+A dataset is a folder: meta.json (tokenizer, vocab size, token counts, source) and, per split,
+one or more token files `<split>_<k>.bin`. A token file is a 64-byte header (magic, format
+version, bytes per token, token count) followed by the ids as little-endian uint16 (uint32 when
+the vocabulary does not fit in 16 bits). Files are read through np.memmap, never loaded whole.
+
+Sampling: a split is cut into non-overlapping windows of seq_len + 1 tokens (inputs and their
+next-token targets). Sample number i of the run (counted over all data-parallel ranks together)
+is window perm_e[i mod W] of epoch e = i div W, where perm_e is a permutation drawn from
+(seed, e). The loader's whole state is therefore one number, the global position, and a resumed
+run continues with exactly the next sample, whatever the number of ranks.
+"""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = b"SCALTOK\x00"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQ")  # magic, version, bytes per token, token count
+HEADER_BYTES = 64
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+class DataError(ValueError):
+    pass
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return DTYPES[2] if vocab_size <= 2**16 else DTYPES[4]
+
+
+class TokenWriter:
+    """Streams token ids into one token file. Written under a temporary name and renamed on
+    close, so a crash never leaves a file that looks complete."""
+
+    def __init__(self, path: str | Path, vocab_size: int):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.dtype = token_dtype(vocab_size)
+        self.count = 0
+        self.f = open(self.tmp, "wb")
+        self.f.write(b"\0" * HEADER_BYTES)
+
+    def write(self, ids):
+        a = np.asarray(ids, dtype=self.dtype)
+        self.f.write(a.tobytes())
+        self.count += a.size
+
+    def close(self) -> int:
+        self.f.seek(0)
+        self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count))
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.count
+
+
+def write_tokens(path: str | Path, ids, vocab_size: int) -> int:
+    w = TokenWriter(path, vocab_size)
+    w.write(ids)
+    return w.close()
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    """Memory-map a token file after checking its header against its size."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size or head[:8] != MAGIC:
+        raise DataError(f"{path}: not a token file (bad magic; was it written by scaling's prepare?)")
+    _, version, itemsize, count = HEADER.unpack(head)
+    if version != VERSION or itemsize not in DTYPES:
+        raise DataError(f"{path}: unsupported token file (version {version}, {itemsize} bytes per token)")
+    if size != HEADER_BYTES + count * itemsize:
+        raise DataError(f"{path}: truncated or padded: header says {count} tokens, "
+                        f"file holds {(size - HEADER_BYTES) / itemsize:.0f}")
+    return np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"no prepared dataset at {data_dir}")
+    return json.loads(meta_path.read_text())
+
+
+class TokenWindows:
+    """One split of a dataset as W windows of seq_len + 1 tokens, across all its token files."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int):
+        meta = load_meta(data_dir)
+        if split not in meta["splits"]:
+            raise DataError(f"{data_dir}: no '{split}' split")
+        self.seq_len = seq_len
+        self.files = [read_tokens(Path(data_dir) / f) for f in meta["splits"][split]["files"]]
+        # Windows never straddle two files; the last partial window of each file is dropped.
+        counts = [max(0, (len(t) - 1) // seq_len) for t in self.files]
+        self.starts = np.cumsum([0] + counts)
+        self.num_windows = int(self.starts[-1])
+        if self.num_windows == 0:
+            raise DataError(f"{data_dir}: '{split}' split has fewer than {seq_len + 1} tokens")
+
+    def window(self, w: int) -> np.ndarray:
+        f = int(np.searchsorted(self.starts, w, side="right")) - 1
+        off = (w - int(self.starts[f])) * self.seq_len
+        return self.files[f][off: off + self.seq_len + 1]
+
+
+class DataLoader:
+    """Batches for one data-parallel rank, in an order fixed by (seed, global position).
+
+    Each optimizer step consumes global_batch consecutive positions of the sample stream; rank r
+    of dp_size reads the r-th contiguous slice of them, micro batch by micro batch. Implements
+    the Stateful protocol (state_dict / load_state_dict) for checkpoints.
+    """
+
+    def __init__(self, windows: TokenWindows, micro_batch: int, global_batch: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, shuffle: bool = True, device="cpu"):
+        assert global_batch % (micro_batch * dp_size) == 0
+        self.windows = windows
+        self.micro_batch, self.global_batch = micro_batch, global_batch
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed, self.shuffle = seed, shuffle
+        self.device = torch.device(device)
+        self.position = 0  # global sample index at the start of the next step
+        self.micro_steps = global_batch // (micro_batch * dp_size)
+        self._perm_epoch, self._perm = None, None
+
+    def _window_index(self, i: int) -> int:
+        W = self.windows.num_windows
+        epoch, j = divmod(i, W)
+        if not self.shuffle:
+            return j
+        if self._perm_epoch != epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._perm, self._perm_epoch = rng.permutation(W), epoch
+        return int(self._perm[j])
+
+    def _batch(self, first: int):
+        rows = np.stack([self.windows.window(self._window_index(i))
+                         for i in range(first, first + self.micro_batch)]).astype(np.int64)
+        xy = torch.from_numpy(rows)
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]
+
+    def next_step(self):
+        """The micro batches (x, y) of this rank for the next optimizer step."""
+        local = self.global_batch // self.dp_size
+        first = self.position + self.dp_rank * local
+        batches = [self._batch(first + k * self.micro_batch) for k in range(self.micro_steps)]
+        self.position += self.global_batch
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "seq_len": self.windows.seq_len}
+
+    def load_state_dict(self, state: dict):
+        if state["seq_len"] != self.windows.seq_len:
+            raise DataError(f"checkpoint was taken with seq_len {state['seq_len']}, "
+                            f"this run uses {self.windows.seq_len}")
+        self.position, self.seed = int(state["position"]), int(state["seed"])

@@ -1,0 +1,294 @@
+"""Dataset preparation shared by every data/<name>/prepare.py: documents -> token files.
+
+Each dataset is a function from an input (a download by default, or a local text / JSONL /
+parquet file or `datasets` folder given with --input) to documents per split; one pipeline
+tokenizes them in batches on every core (tiktoken's threads release the GIL), appends the
+end-of-text token per document, and streams the ids into shards of SHARD_TOKENS tokens, so
+memory stays bounded whatever the corpus size. meta.json is written last and marks a complete
+dataset.
+
+The embedded corpus lives here too: the Python standard library's own source, present on every
+machine that runs this code, so the demo needs no download.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from scaling.data import TokenWriter
+from scaling.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
+
+SHARD_TOKENS = 100_000_000  # tokens per file before a split starts its next file
+
+
+class SplitWriter:
+    """Appends tokenized documents to <split>_<k>.bin files, starting a new file every
+    shard_tokens tokens (a document may continue into the next file)."""
+
+    def __init__(self, out_dir: Path, split: str, vocab_size: int, shard_tokens: int = SHARD_TOKENS):
+        self.out_dir, self.split, self.vocab_size = out_dir, split, vocab_size
+        self.shard_tokens = shard_tokens
+        self.files, self.tokens, self.docs = [], 0, 0
+        self.writer = None
+
+    def write(self, ids):
+        self.docs += 1
+        while len(ids):
+            if self.writer is None:
+                name = f"{self.split}_{len(self.files):06d}.bin"
+                self.writer = TokenWriter(self.out_dir / name, self.vocab_size)
+                self.files.append(name)
+            room = self.shard_tokens - self.writer.count
+            self.writer.write(ids[:room])
+            self.tokens += min(room, len(ids))
+            ids = ids[room:]
+            if self.writer.count >= self.shard_tokens:
+                self.writer.close()
+                self.writer = None
+
+    def close(self) -> dict:
+        if self.writer is not None:
+            self.writer.close()
+        return {"files": self.files, "tokens": self.tokens, "documents": self.docs}
+
+
+def write_meta(out_dir: Path, tokenizer, splits: dict, source: str, **extra):
+    """meta.json is written last: its presence marks a complete dataset."""
+    meta = {"format": 1, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "eot": tokenizer.eot, "source": source, "splits": splits, **extra}
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(out_dir / "meta.json")
+    return meta
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, tests and bundled apps left out, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "turtledemo", "lib2to3", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_val(key: str, val_percent: int = 5) -> bool:
+    """A stable split decision per document: the same file is in the same split everywhere."""
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100 < val_percent
+
+
+def write_dataset(out_dir: str | Path, tokenizer, docs, source: str, workers: int | None = None,
+                  batch_docs: int = 512, eot: bool = True, shard_tokens: int = SHARD_TOKENS,
+                  total_docs: int | None = None, **extra) -> dict:
+    """Tokenize (split, text) pairs into token files under out_dir; returns meta.json's content.
+
+    Documents are encoded batch_docs at a time on `workers` threads and written as they come,
+    so memory holds one batch, never the corpus.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
+    workers = workers or os.cpu_count() or 1
+    writers = {}
+    bar = progress(total_docs, f"tokenizing {out_dir.name}")
+    batch: dict[str, list[str]] = {}
+
+    def flush(split):
+        texts = batch.pop(split, [])
+        if not texts:
+            return
+        w = writers.get(split) or writers.setdefault(split, SplitWriter(out_dir, split, tokenizer.vocab_size, shard_tokens))
+        for ids in encode_batch(tokenizer, texts, workers):
+            w.write(ids + [tokenizer.eot] if eot and tokenizer.eot is not None else ids)
+        bar.update(len(texts))
+        bar.set_postfix(tokens=f"{sum(x.tokens for x in writers.values()):,}", refresh=False)
+
+    for split, text in docs:
+        batch.setdefault(split, []).append(text)
+        if len(batch[split]) >= batch_docs:
+            flush(split)
+    for split in list(batch):
+        flush(split)
+    bar.close()
+    splits = {s: w.close() for s, w in writers.items()}
+    for needed in ("train", "val"):
+        if needed not in splits:
+            raise ValueError(f"no documents for the {needed} split: is the input empty?")
+    return write_meta(out_dir, tokenizer, splits, source, **extra)
+
+
+def encode_batch(tokenizer, texts: list[str], workers: int) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):
+        return tokenizer.encode_batch(texts, num_threads=workers)
+    return [tokenizer.encode(t) for t in texts]
+
+
+def progress(total, desc):
+    from tqdm.auto import tqdm  # installed with `datasets`
+    return tqdm(total=total, desc=desc, unit="doc", disable=None, mininterval=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: a local file or folder (how tests and offline users run), or the dataset's download.
+
+def read_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"input not found: {path}")
+    return p.read_text(encoding="utf-8")
+
+
+def load_documents(path: str | Path, text_field: str = "text"):
+    """A `datasets.Dataset` (or DatasetDict) from a local .txt (one document per file), .jsonl /
+    .json, .parquet, or a folder written by `Dataset.save_to_disk`."""
+    import datasets
+    p = Path(path)
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+    elif not p.is_file():
+        raise FileNotFoundError(f"input not found: {path}")
+    elif p.suffix == ".txt":
+        ds = datasets.load_dataset("text", data_files=str(p), sample_by="document", split="train")
+    elif p.suffix in (".jsonl", ".json"):
+        ds = datasets.load_dataset("json", data_files=str(p), split="train")
+    elif p.suffix == ".parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+    else:
+        raise ValueError(f"{path}: unsupported input (.txt, .jsonl, .json, .parquet or a datasets folder)")
+    names = ds.column_names if isinstance(ds, datasets.Dataset) else next(iter(ds.values())).column_names
+    if text_field not in names:
+        raise ValueError(f"{path}: no '{text_field}' column (columns: {', '.join(names)})")
+    return ds
+
+
+def split_documents(ds, val_fraction: float, seed: int = 2357, text_field: str = "text"):
+    """(split, text) pairs: a DatasetDict's own val/validation/test split if it has one, otherwise
+    a seeded random val_fraction of the documents (nanoGPT's recipe for OpenWebText)."""
+    import datasets
+    if isinstance(ds, datasets.DatasetDict):
+        val_name = next((n for n in ("val", "validation", "test") if n in ds), None)
+        if val_name is not None:
+            parts = {"train": ds["train"], "val": ds[val_name]}
+        else:
+            ds = ds["train"]
+    if isinstance(ds, datasets.Dataset):
+        n_val = max(1, round(len(ds) * val_fraction)) if len(ds) > 1 else 0
+        if n_val == 0:
+            raise ValueError("need at least 2 documents to make a train and a val split")
+        cut = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+        parts = {"train": cut["train"], "val": cut["test"]}
+    total = sum(len(d) for d in parts.values())
+
+    def gen():
+        for split, d in parts.items():
+            for rows in d.iter(batch_size=1024):
+                for text in rows[text_field]:
+                    yield split, text
+    return gen(), total
+
+
+# ---------------------------------------------------------------------------------------------
+# The datasets. Each takes the parsed arguments and returns meta.json's content.
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def shakespeare_text(a) -> str:
+    if a.input:
+        return read_text(a.input)
+    import urllib.request
+    raw = Path(a.out) / "input.txt"
+    if not raw.is_file():
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        urllib.request.urlretrieve(SHAKESPEARE_URL, raw)
+    return raw.read_text(encoding="utf-8")
+
+
+def first_90_percent(text: str):
+    """nanoGPT's Shakespeare split: the first 90% of the characters train, the rest validate."""
+    cut = int(len(text) * 0.9)
+    return [("train", text[:cut]), ("val", text[cut:])]
+
+
+def prepare_shakespeare(a) -> dict:
+    text = shakespeare_text(a)
+    return write_dataset(a.out, GPT2Tokenizer(), first_90_percent(text), source="tiny shakespeare",
+                         workers=a.workers, eot=False)
+
+
+def prepare_shakespeare_char(a) -> dict:
+    text = shakespeare_text(a)
+    tok = CharTokenizer("".join(sorted(set(text))))
+    return write_dataset(a.out, tok, first_90_percent(text), source="tiny shakespeare",
+                         workers=a.workers, eot=False, chars=tok.chars)
+
+
+def hub_or_local(a, hub_name: str, **hub_kwargs):
+    if a.input:
+        return load_documents(a.input), a.input
+    import datasets
+    return datasets.load_dataset(hub_name, num_proc=a.workers, **hub_kwargs), f"huggingface.co/datasets/{hub_name}"
+
+
+def prepare_openwebtext(a) -> dict:
+    ds, source = hub_or_local(a, "Skylion007/openwebtext", split="train")
+    docs, total = split_documents(ds, val_fraction=0.0005)
+    return write_dataset(a.out, GPT2Tokenizer(), docs, source=source, workers=a.workers, total_docs=total,
+                         shard_tokens=a.shard_tokens)
+
+
+def prepare_fineweb_edu(a) -> dict:
+    ds, source = hub_or_local(a, "HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train")
+    docs, total = split_documents(ds, val_fraction=0.001)
+    return write_dataset(a.out, GPT2Tokenizer(), docs, source=source, workers=a.workers, total_docs=total,
+                         shard_tokens=a.shard_tokens)
+
+
+def prepare_embedded(out_dir: str | Path, workers: int | None = None) -> dict:
+    """Byte-level token files of the Python standard library's source (about 11 MB on 3.11)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_files()
+    docs = (("val" if is_val(p.relative_to(root).as_posix()) else "train",
+             p.read_text(encoding="utf-8", errors="replace")) for p in files)
+    return write_dataset(out_dir, ByteTokenizer(), docs, workers=workers, total_docs=len(files),
+                         source=f"Python {sysconfig.get_python_version()} standard library source "
+                                f"({len(files)} files under {root})")
+
+
+DATASETS = {
+    "shakespeare": (prepare_shakespeare, "tiny Shakespeare, GPT-2 BPE (nanoGPT's shakespeare)"),
+    "shakespeare_char": (prepare_shakespeare_char, "tiny Shakespeare, one token per character"),
+    "openwebtext": (prepare_openwebtext, "OpenWebText, GPT-2 BPE, 0.05% validation (nanoGPT)"),
+    "fineweb_edu": (prepare_fineweb_edu, "FineWeb-Edu sample-10BT, GPT-2 BPE, 100M-token shards"),
+    "embedded": (lambda a: prepare_embedded(a.out, a.workers), "Python standard library source, bytes"),
+}
+
+
+def main(name: str | None = None, argv=None):
+    """The command line of data/<name>/prepare.py (and python -m scaling.prepare NAME)."""
+    ap = argparse.ArgumentParser(prog=f"data/{name}/prepare.py" if name else "python -m scaling.prepare",
+                                 description=DATASETS[name][1] if name else "Prepare a dataset into token files.")
+    if name is None:
+        ap.add_argument("name", choices=list(DATASETS))
+    ap.add_argument("--input", help="local .txt / .jsonl / .parquet file or datasets folder instead of the download")
+    ap.add_argument("--out", help="output folder (default data/<name>)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer threads / download processes")
+    ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+    a = ap.parse_args(argv)
+    name = name or a.name
+    a.out = a.out or str(Path("data") / name)
+    t0 = time.perf_counter()
+    try:
+        meta = DATASETS[name][0](a)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    counts = ", ".join(f"{s} {v['tokens']:,} tokens in {len(v['files'])} file(s)" for s, v in meta["splits"].items())
+    print(f"{name}: {counts} -> {a.out} ({time.perf_counter() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

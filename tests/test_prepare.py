@@ -1,0 +1,106 @@
+"""data/<name>/prepare.py, offline on local inputs: token counts, splits, shards, errors."""
+
+import json
+import subprocess
+import sys
+
+import datasets
+import pytest
+import tiktoken
+
+from conftest import ROOT, SHAKESPEARE
+from scaling.data import TokenWindows, load_meta, read_tokens
+
+
+def run_script(name, *args, check=True):
+    """Run data/<name>/prepare.py as a user would."""
+    p = subprocess.run([sys.executable, str(ROOT / "data" / name / "prepare.py"), *map(str, args)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and p.returncode:
+        raise AssertionError(p.stderr)
+    return p
+
+
+def tokens(out, split):
+    meta = load_meta(out)
+    return [int(t) for f in meta["splits"][split]["files"] for t in read_tokens(out / f)]
+
+
+def test_shakespeare_counts_equal_tiktoken_on_nanogpts_90_10_split(tmp_path):
+    run_script("shakespeare", "--input", SHAKESPEARE, "--out", tmp_path)
+    text = SHAKESPEARE.read_text()
+    cut = int(len(text) * 0.9)
+    enc = tiktoken.get_encoding("gpt2")
+    assert tokens(tmp_path, "train") == enc.encode_ordinary(text[:cut])
+    assert tokens(tmp_path, "val") == enc.encode_ordinary(text[cut:])
+    meta = load_meta(tmp_path)
+    assert (meta["tokenizer"], meta["vocab_size"]) == ("gpt2", 50257)
+    assert (meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"]) == (301_966, 36_059)  # nanoGPT's
+
+
+def test_shakespeare_char_uses_the_65_character_alphabet(tmp_path):
+    run_script("shakespeare_char", "--input", SHAKESPEARE, "--out", tmp_path)
+    meta = load_meta(tmp_path)
+    assert meta["vocab_size"] == 65 and meta["tokenizer"] == "char"
+    assert (meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"]) == (1_003_854, 111_540)
+    assert "".join(meta["chars"][i] for i in tokens(tmp_path, "train")[:10]) == SHAKESPEARE.read_text()[:10]
+
+
+def documents(n=2000):
+    lines = SHAKESPEARE.read_text().split("\n\n")
+    return [lines[i % len(lines)] + f" ({i})" for i in range(n)]
+
+
+def expected_tokens(texts):
+    enc = tiktoken.get_encoding("gpt2")
+    return sum(len(enc.encode_ordinary(t)) + 1 for t in texts)  # + the end-of-text token
+
+
+def test_openwebtext_from_a_local_jsonl_holds_every_document_once_with_eot(tmp_path):
+    docs = documents(4000)
+    src = tmp_path / "owt.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs)))
+    run_script("openwebtext", "--input", src, "--out", tmp_path / "out")
+    meta = load_meta(tmp_path / "out")
+    s = meta["splits"]
+    assert s["val"]["documents"] == 2  # nanoGPT's 0.0005 of 4000
+    assert s["train"]["documents"] + s["val"]["documents"] == 4000
+    assert s["train"]["tokens"] + s["val"]["tokens"] == expected_tokens(docs)
+    ids = tokens(tmp_path / "out", "val")
+    assert ids.count(50256) == 2 and ids[-1] == 50256
+
+
+def test_fineweb_edu_from_a_local_parquet_splits_into_shards(tmp_path):
+    docs = documents(1000)
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(tmp_path / "fw.parquet")
+    run_script("fineweb_edu", "--input", tmp_path / "fw.parquet", "--out", tmp_path / "out", "--shard-tokens", 10_000)
+    meta = load_meta(tmp_path / "out")
+    files = meta["splits"]["train"]["files"]
+    assert len(files) > 3 and files[0] == "train_000000.bin"
+    assert all(len(read_tokens(tmp_path / "out" / f)) == 10_000 for f in files[:-1])
+    total = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert total == expected_tokens(docs)
+    assert TokenWindows(tmp_path / "out", "train", 64).num_windows > 0
+
+
+def test_a_saved_datasets_folder_keeps_its_own_validation_split(tmp_path):
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": documents(50)}),
+                               "validation": datasets.Dataset.from_dict({"text": documents(7)})})
+    dd.save_to_disk(tmp_path / "hf")
+    run_script("openwebtext", "--input", tmp_path / "hf", "--out", tmp_path / "out")
+    s = load_meta(tmp_path / "out")["splits"]
+    assert (s["train"]["documents"], s["val"]["documents"]) == (50, 7)
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda d: d / "missing.jsonl", "input not found"),
+    (lambda d: (d / "x.csv").write_text("a,b") and d / "x.csv", "unsupported input"),
+    (lambda d: (d / "x.jsonl").write_text('{"body": "hi"}\n{"body": "yo"}\n') and d / "x.jsonl", "no 'text' column"),
+])
+def test_bad_input_is_a_one_line_error_and_leaves_no_dataset(make_input, message, tmp_path):
+    p = run_script("openwebtext", "--input", make_input(tmp_path), "--out", tmp_path / "out", check=False)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    # One error line, the last thing printed (datasets may report its progress before it).
+    assert p.returncode == 2 and len(errors) == 1 and message in errors[0], p.stderr
+    assert p.stderr.splitlines()[-1] == errors[0]
+    assert not (tmp_path / "out" / "meta.json").exists()
