@@ -1,0 +1,103 @@
+"""Process-group set-up: one code path for a single process, torchrun and Slurm.
+
+torchrun and our Slurm launcher both export RANK, LOCAL_RANK and WORLD_SIZE; without them this
+is a single process and no process group is created. NCCL carries the collectives on GPUs,
+gloo on CPUs (every collective the parallel layouts need runs on gloo, so all of them are
+testable without a GPU).
+"""
+
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from scaling.config import ConfigError
+
+
+@dataclass
+class Env:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size() -> int:
+    """The world size the launcher announced, known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda, but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device_name: str = "auto", timeout_s: float = 600) -> Env:
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    n = world_size()
+    if n > 1 and not dist.is_initialized():
+        # On GPUs, CPU tensors (a few DCP and loader bookkeeping ops) still need gloo.
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return Env(rank, local_rank, n, device)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean of x over the group (all ranks by default); x itself when single process."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        x /= dist.get_world_size(group)
+    return x
+
+
+# Exit code of a run stopped by SIGTERM / SIGUSR1 after saving: "try again later" (sysexits.h
+# EX_TEMPFAIL). The Slurm launcher requeues a job that ends with it.
+EXIT_PREEMPTED = 75
+
+
+class StopSignal:
+    """Remembers SIGTERM / SIGUSR1 (what Slurm sends before a time limit or a preemption) so the
+    loop can stop at a step boundary instead of dying mid-step."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.received = None
+        for s in signals:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        """True on every rank once any rank got a signal: all stop at the same step."""
+        if not dist.is_initialized():
+            return self.received is not None
+        flag = torch.tensor([self.received is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,20 @@
+"""FSDP2 (fully_shard) and HSDP: parameters, gradients and optimizer state sharded over dp_shard."""
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(model, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None, reshard_after_forward: bool,
+               force_sum_reduction: bool):
+    """One FSDP group per block, then the root: the embeddings, final norm and the tied LM head
+    (which must share a group with the token embedding: it is the same tensor)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are needed again first thing in backward (the LM head): keep them.
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    if force_sum_reduction:
+        # gloo has no PREMUL_SUM / AVG: sum gradients and divide after the reduction instead.
+        for m in [*model.blocks, model]:
+            m.set_force_sum_reduction_for_comms(True)

@@ -1,0 +1,161 @@
+"""Parallel layouts: real torchrun processes over gloo, compared with one process.
+
+Every layout trains the same recipe from the same seed on the same global batch (8 sequences,
+micro batches of 2), so the losses must agree with the single-process run from step 1.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, run_module, run_torchrun, tiny_args, train_losses
+from scaling.checkpoint import load_model
+
+COMMON = ["--train.global_batch_size=8", "--train.max_steps=10", "--logging.every=1",
+          "--train.eval_every=10", "--parallel.timeout_s=60", "--optim.warmup_steps=3"]
+
+LAYOUTS = {  # name: (processes, data-parallel ranks, overrides)
+    "ddp2": (2, 2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
+    "fsdp2": (2, 2, ["--parallel.dp_shard=2"]),
+    "hsdp2x2": (4, 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    "tp2": (2, 1, ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel=false"]),
+    "tp2_sp": (2, 1, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
+    "fsdp2_tp2": (4, 2, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
+}
+
+
+def micro_batch(dp, accumulate):
+    """Without accumulation each data-parallel rank takes its share of the 8 sequences at once;
+    with it, in two micro batches."""
+    return 8 // dp // (2 if accumulate else 1)
+
+
+@pytest.fixture(scope="module")
+def single(data_root, tmp_path_factory):
+    """The reference: one process, the whole global batch in one micro batch."""
+    run_dir = tmp_path_factory.mktemp("single")
+    run_module("scaling.train", *tiny_args(data_root, run_dir, *COMMON, "--train.micro_batch_size=8"), check=True)
+    return run_dir
+
+
+def assert_same_run(run_dir, ref_dir):
+    got, want = read_metrics(run_dir), read_metrics(ref_dir)
+    for key in ("loss", "grad_norm"):
+        a, b = [r[key] for r in got if key in r], [r[key] for r in want if key in r]
+        assert len(a) == len(b) == 10
+        assert a == pytest.approx(b, rel=1e-5), key
+    # Same initial weights (step 0) and the same model after training, seen through validation.
+    assert val_losses(got) == pytest.approx(val_losses(want), rel=1e-5)
+    # The final weights, gathered from the sharded checkpoint into one process.
+    (a, *_), (b, *_) = load_model(run_dir), load_model(ref_dir)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
+
+
+def test_single_process_accumulation_matches_one_big_batch(single, data_root, tmp_path):
+    run_module("scaling.train", *tiny_args(data_root, tmp_path, *COMMON, "--train.micro_batch_size=2"), check=True)
+    assert_same_run(tmp_path, single)
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["no_accum", "accum"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_reproduces_single_process_run(layout, accumulate, single, data_root, tmp_path):
+    nproc, dp, overrides = LAYOUTS[layout]
+    mb = f"--train.micro_batch_size={micro_batch(dp, accumulate)}"
+    run_torchrun(nproc, "scaling.train", *tiny_args(data_root, tmp_path, *COMMON, mb, *overrides))
+    assert_same_run(tmp_path, single)
+
+
+def val_losses(records):
+    return [r["val_loss"] for r in records if "val_loss" in r]
+
+
+def test_resolved_config_records_the_degrees_for_the_world_size(data_root, tmp_path):
+    run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path, "--train.max_steps=1"))
+    text = (tmp_path / "config.yaml").read_text()
+    assert "dp_shard: 2" in text and "dp_replicate: 1" in text and "tp: 1" in text
+
+
+def test_bf16_autocast_under_fsdp_matches_single_process_bf16(data_root, tmp_path):
+    bf16 = [*COMMON, "--train.dtype=bf16", "--train.micro_batch_size=4"]
+    run_module("scaling.train", *tiny_args(data_root, tmp_path / "one", *bf16), check=True)
+    run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path / "two", *bf16))
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), abs=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_leaves_the_run_unchanged(mode, single, data_root, tmp_path):
+    run_module("scaling.train", *tiny_args(data_root, tmp_path, *COMMON, "--train.micro_batch_size=8",
+                                           f"--parallel.activation_checkpoint={mode}"), check=True)
+    assert_same_run(tmp_path, single)
+
+
+def test_activation_checkpointing_under_fsdp_leaves_the_run_unchanged(single, data_root, tmp_path):
+    run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path, *COMMON, "--train.micro_batch_size=4",
+                                                "--parallel.activation_checkpoint=full"))
+    assert_same_run(tmp_path, single)
+
+
+def test_compile_leaves_the_run_unchanged(single, data_root, tmp_path):
+    run_module("scaling.train", *tiny_args(data_root, tmp_path, *COMMON, "--train.micro_batch_size=8",
+                                           "--parallel.compile=true"), check=True, timeout=600)
+    assert_same_run(tmp_path, single)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--parallel.dp_shard=3"], "parallel: dp_replicate x dp_shard x tp = 1 x 3 x 1 = 3, but the world size is 2"),
+    (["--parallel.tp=4", "--parallel.dp_shard=-1"], "parallel.dp_shard: world size 2 is not divisible"),
+    (["--parallel.tp=2", "--parallel.dp_shard=1", "--model.n_head=1", "--model.n_embd=64"],
+     "parallel.tp: 2 does not divide model.n_head=1"),
+    (["--parallel.dp_shard=-1", "--parallel.tp=-1"], "only one of"),
+    (["--train.micro_batch_size=3", "--train.global_batch_size=9"],
+     "train.global_batch_size: 9 is not divisible by train.micro_batch_size x data-parallel ranks = 3 x 2"),
+])
+def test_impossible_layout_fails_before_any_process_group(overrides, message, data_root, tmp_path):
+    # WORLD_SIZE as torchrun would set it, but no torchrun: the check must come first.
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, *overrides), env={"WORLD_SIZE": "2"})
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+
+
+SHARD_PROBE = """
+import os, torch, torch.distributed as dist, resource
+from scaling.config import load_config
+from scaling.distributed import init
+from scaling.parallel import ParallelDims, build_mesh
+from scaling.train import build_model
+cfg = load_config(None, ["--model.size=gpt2", "--model.vocab_size=50257", "--parallel.dp_shard=-1"])
+env = init("cpu", 120)
+p = cfg.parallel
+dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
+mesh, _ = build_mesh(dims, "cpu")
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = build_model(cfg, 50257, dims, mesh, torch.device("cpu"))
+local = sum(p.to_local().numel() for p in model.parameters())
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+print(f"RESULT {env.rank} {local} {model.num_params()} {grown}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_gpt2_under_fsdp4_never_materialises_on_one_rank(tmp_path):
+    """124M parameters over 4 ranks: each rank holds a quarter, and no rank's memory ever grew
+    by the size of the whole model (it is built on the meta device and initialised per shard)."""
+    script = tmp_path / "probe.py"
+    script.write_text(SHARD_PROBE)
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                        str(script)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [list(map(int, line.split()[2:])) for line in p.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(rows) == 4
+    total = 124_439_808
+    assert all(r[1] == total for r in rows)  # the global count is GPT-2's
+    assert sum(r[0] for r in rows) == total  # the shards cover the model exactly once
+    for local, _, grown in rows:
+        assert local <= total / 4 + 50257  # an uneven last row at most
+        assert grown < 0.75 * total * 4, grown  # well under the 498 MB of a whole fp32 copy
+    print("per-rank parameters and RSS growth (bytes):", rows)
