@@ -1,0 +1,173 @@
+"""Import and export of GPT-2 weights: python -m scaling.convert SRC DST [--to hf|nanogpt|pt]
+
+SRC may be any of: our checkpoint or run folder (a DCP checkpoint, any layout), our consolidated
+.pt file, a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin), or
+a nanoGPT ckpt.pt. DST is written as a Hugging Face folder (--to hf, loadable by
+GPT2LMHeadModel.from_pretrained), a nanoGPT ckpt.pt (--to nanogpt), or one consolidated .pt
+file (--to pt, the default). Recipes start from any SRC with model.init_from.
+
+Hugging Face GPT-2 stores its projections as Conv1D, weight shape (in, out), with q, k and v
+fused into one c_attn; nanoGPT uses the same names with nn.Linear, shape (out, in); ours are
+nn.Linear with q, k and v apart.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from scaling.model import GPTConfig
+
+# our name -> Hugging Face name, per block; weights of these are transposed (Conv1D vs Linear).
+BLOCK_LINEARS = {"attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+BLOCK_NORMS = {"ln_1": "ln_1", "ln_2": "ln_2"}
+
+
+def hf_to_ours(hf: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """A GPT2LMHeadModel / GPT2Model state dict -> our GPT state dict."""
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    out = {"wte.weight": hf["wte.weight"], "wpe.weight": hf["wpe.weight"]}
+    for suffix in ("weight", "bias"):
+        if f"ln_f.{suffix}" in hf:
+            out[f"ln_f.{suffix}"] = hf[f"ln_f.{suffix}"]
+    for i in range(n_layer):
+        src, dst = f"h.{i}.", f"blocks.{i}."
+        q, k, v = hf[src + "attn.c_attn.weight"].t().chunk(3, dim=0)
+        out.update({dst + "attn.q.weight": q, dst + "attn.k.weight": k, dst + "attn.v.weight": v})
+        if src + "attn.c_attn.bias" in hf:
+            qb, kb, vb = hf[src + "attn.c_attn.bias"].chunk(3)
+            out.update({dst + "attn.q.bias": qb, dst + "attn.k.bias": kb, dst + "attn.v.bias": vb})
+        for ours, theirs in BLOCK_LINEARS.items():
+            out[dst + ours + ".weight"] = hf[src + theirs + ".weight"].t()
+            if src + theirs + ".bias" in hf:
+                out[dst + ours + ".bias"] = hf[src + theirs + ".bias"]
+        for ours, theirs in BLOCK_NORMS.items():
+            for suffix in ("weight", "bias"):
+                if f"{src}{theirs}.{suffix}" in hf:
+                    out[f"{dst}{ours}.{suffix}"] = hf[f"{src}{theirs}.{suffix}"]
+    out["lm_head.weight"] = out["wte.weight"]  # tied
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def ours_to_hf(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """Our GPT state dict -> a GPT2LMHeadModel state dict (keys under transformer.)."""
+    out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"]}
+    for suffix in ("weight", "bias"):
+        if f"ln_f.{suffix}" in sd:
+            out[f"transformer.ln_f.{suffix}"] = sd[f"ln_f.{suffix}"]
+    for i in range(n_layer):
+        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+        out[dst + "attn.c_attn.weight"] = torch.cat(
+            [sd[src + f"attn.{n}.weight"] for n in "qkv"], dim=0).t()
+        if src + "attn.q.bias" in sd:
+            out[dst + "attn.c_attn.bias"] = torch.cat([sd[src + f"attn.{n}.bias"] for n in "qkv"])
+        for ours, theirs in BLOCK_LINEARS.items():
+            out[dst + theirs + ".weight"] = sd[src + ours + ".weight"].t()
+            if src + ours + ".bias" in sd:
+                out[dst + theirs + ".bias"] = sd[src + ours + ".bias"]
+        for ours, theirs in BLOCK_NORMS.items():
+            for suffix in ("weight", "bias"):
+                if f"{src}{ours}.{suffix}" in sd:
+                    out[f"{dst}{theirs}.{suffix}"] = sd[f"{src}{ours}.{suffix}"]
+    out["lm_head.weight"] = sd["wte.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# nanoGPT names its Linear layers like Hugging Face's Conv1D ones, transposed.
+NANOGPT_LINEARS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def nanogpt_to_ours(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}  # saved from a compiled model
+    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # masks
+    return hf_to_ours({k: v.t() if k.endswith(NANOGPT_LINEARS) else v for k, v in sd.items()}, n_layer)
+
+
+def ours_to_nanogpt(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    hf = ours_to_hf(sd, n_layer)
+    return {k: v.t().contiguous() if k.endswith(NANOGPT_LINEARS) else v for k, v in hf.items()}
+
+
+def hf_config(c: GPTConfig) -> dict:
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": c.n_layer,
+            "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size, "n_ctx": c.block_size,
+            "vocab_size": c.vocab_size, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+            "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
+
+
+def read_weights(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    """(our state dict, its shape) from any supported source; see the module docstring."""
+    p = Path(src)
+    if p.is_dir() and (p / "config.json").is_file():  # Hugging Face
+        c = json.loads((p / "config.json").read_text())
+        if (p / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+            hf = load_file(p / "model.safetensors")
+        elif (p / "pytorch_model.bin").is_file():
+            hf = torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{src}: neither model.safetensors nor pytorch_model.bin")
+        if c.get("bias") is False:  # not a GPT-2 option; refuse rather than guess
+            raise ValueError(f"{src}: unsupported config")
+        cfg = GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                        block_size=c["n_positions"], vocab_size=c["vocab_size"])
+        return hf_to_ours(hf, cfg.n_layer), cfg
+    if p.is_dir():  # our checkpoint or run folder
+        from scaling.checkpoint import load_model
+        model, _, _ = load_model(p)
+        return {k: v.detach() for k, v in model.state_dict().items()}, model.cfg
+    if not p.is_file():
+        raise FileNotFoundError(f"{src}: not found")
+    ck = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(ck, dict) and "gpt_config" in ck:  # ours, consolidated
+        return {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}, GPTConfig(**ck["gpt_config"])
+    if isinstance(ck, dict) and "model_args" in ck:  # nanoGPT
+        a = ck["model_args"]
+        cfg = GPTConfig(n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"], block_size=a["block_size"],
+                        vocab_size=a["vocab_size"], dropout=a.get("dropout", 0.0), bias=a.get("bias", True))
+        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg
+    raise ValueError(f"{src}: not a checkpoint this tool knows (ours, Hugging Face GPT-2 or nanoGPT)")
+
+
+def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, to: str):
+    dst = Path(dst)
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    if to == "hf":
+        from safetensors.torch import save_file
+        dst.mkdir(parents=True, exist_ok=True)
+        hf = ours_to_hf(sd, cfg.n_layer)
+        hf.pop("lm_head.weight")  # tied: Hugging Face re-ties it from wte on load
+        save_file(hf, dst / "model.safetensors", metadata={"format": "pt"})
+        (dst / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    elif to == "nanogpt":
+        args = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
+                                            "dropout")}
+        torch.save({"model": ours_to_nanogpt(sd, cfg.n_layer), "model_args": args, "iter_num": 0,
+                    "best_val_loss": float("inf"), "config": {}}, dst)
+    else:
+        sd.pop("lm_head.weight", None)  # tied to wte.weight
+        torch.save({"model": sd, "gpt_config": asdict(cfg)}, dst)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m scaling.convert", description=__doc__.splitlines()[0])
+    ap.add_argument("src", help="our checkpoint/run folder or .pt, a Hugging Face folder, or a nanoGPT ckpt.pt")
+    ap.add_argument("dst")
+    ap.add_argument("--to", choices=["hf", "nanogpt", "pt"], default="pt")
+    a = ap.parse_args(argv)
+    try:
+        sd, cfg = read_weights(a.src)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    write_weights(sd, cfg, a.dst, a.to)
+    n = sum(v.numel() for k, v in sd.items() if k != "lm_head.weight")
+    print(f"wrote {a.dst} ({a.to}, {cfg.n_layer} layers, {cfg.n_embd} wide, {n:,} parameters)")
+
+
+if __name__ == "__main__":
+    main()

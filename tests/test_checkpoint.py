@@ -1,0 +1,230 @@
+"""Checkpoints: contents, retention, exact resume after SIGKILL, damage, resharding, preemption.
+
+The kill tests kill real training processes (whole torchrun process groups) and then re-run the
+same command, as a user or a scheduler would.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, read_metrics, run_module, run_torchrun, tiny_args
+from scaling.checkpoint import checkpoints, load_model, newest_complete
+from scaling.distributed import EXIT_PREEMPTED
+
+FAST = ["--train.eval_every=0", "--parallel.timeout_s=60", "--train.global_batch_size=8",
+        "--train.micro_batch_size=2", "--optim.warmup_steps=10", "--logging.every=10"]
+
+LAYOUTS = {  # name: (processes, overrides)
+    "single": (1, []),
+    "ddp2": (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
+    "fsdp2": (2, ["--parallel.dp_shard=2"]),
+    "tp2": (2, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
+    "fsdp4": (4, ["--parallel.dp_shard=4"]),
+}
+
+
+def command(layout, data_root, run_dir, *extra):
+    nproc, overrides = LAYOUTS[layout]
+    args = [str(a) for a in tiny_args(data_root, run_dir, *FAST, *overrides, *extra)]
+    if nproc == 1:
+        return [sys.executable, "-m", "scaling.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "scaling.train", *args]
+
+
+def start(cmd):
+    """A training run in its own process group, so that a kill reaches every rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def run(cmd, timeout=300):
+    p = start(cmd)
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def descendants(pid):
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for c in (task / "children").read_text().split():
+            out += [int(c), *descendants(int(c))]
+    return out
+
+
+def kill_all(p):
+    """SIGKILL a run and every process it started (torchrun puts its workers in sessions of
+    their own, so killing torchrun's process group alone would leave them running)."""
+    pids = [p.pid, *descendants(p.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.wait()
+    for pid in pids[1:]:  # wait until the workers are really gone
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            time.sleep(0.01)
+
+
+def kill_when(p, ready, timeout=120):
+    """SIGKILL the run once ready() is true."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert p.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    kill_all(p)
+
+
+def losses_by_step(run_dir):
+    """Train loss per step; after a resume the re-done steps' later records win."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_checkpoint_holds_everything_needed_to_resume(data_root, tmp_path):
+    run_module("scaling.train", *tiny_args(data_root, tmp_path, "--checkpoint.every=4"), check=True)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_4", "step_8"]
+    ck = tmp_path / "checkpoints" / "step_8"
+    assert {".metadata", "config.yaml", "tokenizer.json", "rng_rank0.pt"} <= {f.name for f in ck.iterdir()}
+    import torch.distributed.checkpoint as dcp
+    keys = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata.keys()
+    assert {"model.wte.weight", "optimizer.state.wte.weight.exp_avg", "data.position", "train.step"} <= set(keys)
+
+
+def test_keeps_the_last_k_and_every_mth_for_good(data_root, tmp_path):
+    run_module("scaling.train", *tiny_args(data_root, tmp_path, "--train.max_steps=12", "--checkpoint.every=2",
+                                           "--checkpoint.keep=2", "--checkpoint.keep_every=4"), check=True)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_4", "step_8", "step_10", "step_12"]
+
+
+# Steps per layout, so that each run lasts a few seconds (TP over gloo is the slowest: ~0.2 s a step).
+KILL_STEPS = {"single": 300, "ddp2": 300, "fsdp2": 150, "tp2": 40}
+
+
+@pytest.mark.parametrize("layout", list(KILL_STEPS))
+def test_sigkilled_run_resumes_with_bit_identical_losses(layout, data_root, tmp_path):
+    n = KILL_STEPS[layout]
+    # Every step logged: a logged loss is the mean since the last log line, and a resume
+    # starts a new window; per-step lines make the comparison step for step.
+    steps = [f"--train.max_steps={n}", f"--checkpoint.every={n // 6}", "--logging.every=1"]
+    whole = tmp_path / "whole"
+    rc, out = run(command(layout, data_root, whole, *steps))
+    assert rc == 0, out
+    cut = tmp_path / "cut"
+    p = start(command(layout, data_root, cut, *steps))
+    kill_when(p, lambda: (cut / "checkpoints" / f"step_{n // 6}").is_dir())
+    assert n not in losses_by_step(cut)  # it was killed before the end
+    rc, out = run(command(layout, data_root, cut, *steps))
+    assert rc == 0, out
+    assert "resumed from" in out
+    assert losses_by_step(cut) == losses_by_step(whole)  # exactly, in fp32 on CPU
+
+
+def test_killing_during_saves_never_leaves_the_run_unable_to_resume(data_root, tmp_path):
+    """Save every step (in the background) and kill at random moments, five times."""
+    steps = ["--train.max_steps=80", "--checkpoint.every=1", "--checkpoint.keep=2", "--logging.every=1"]
+    rc, out = run(command("fsdp2", data_root, tmp_path / "whole", *steps))
+    assert rc == 0, out
+    run_dir = tmp_path / "cut"
+    rng = random.Random(0)
+    for _ in range(5):
+        p = start(command("fsdp2", data_root, run_dir, *steps))
+        time.sleep(rng.uniform(3.0, 5.0))  # start-up is ~3 s; then it saves every step
+        if p.poll() is not None:
+            break
+        kill_all(p)
+        ck = newest_complete(run_dir, report=lambda *_: None)
+        if ck is not None:
+            load_model(ck)  # whatever the kill interrupted, the newest complete one loads
+    rc, out = run(command("fsdp2", data_root, run_dir, *steps))
+    assert rc == 0, out
+    assert losses_by_step(run_dir) == losses_by_step(tmp_path / "whole")
+
+
+def test_damaged_and_interrupted_checkpoints_are_reported_skipped_and_kept(data_root, tmp_path):
+    run_module("scaling.train", *tiny_args(data_root, tmp_path, "--checkpoint.every=4", "--checkpoint.keep=0"),
+               check=True)
+    step8 = tmp_path / "checkpoints" / "step_8"
+    shard = next(step8.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    (tmp_path / "checkpoints" / "step_9.tmp").mkdir()
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, "--train.max_steps=10"), check=True)
+    assert f"skipping {step8}: {shard.name} is truncated" in p.stdout
+    assert "step_9.tmp (an interrupted save; left in place)" in p.stdout
+    assert "resumed from" in p.stdout and "step_4 at step 4" in p.stdout
+    assert step8.is_dir() and (tmp_path / "checkpoints" / "step_9.tmp").is_dir()
+
+
+def test_explicit_resume_from_a_missing_checkpoint_is_a_one_line_error(data_root, tmp_path):
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, f"--checkpoint.resume={tmp_path / 'nope'}"))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "checkpoint.resume" in p.stderr, p.stderr
+
+
+RESHARD = [("fsdp2", "single"), ("fsdp2", "tp2"), ("ddp2", "fsdp2"), ("fsdp2", "fsdp4")]
+
+
+@pytest.fixture(scope="module")
+def reference_12(data_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref12")
+    rc, out = run(command("single", data_root, run_dir, "--train.max_steps=12", "--logging.every=1",
+                          "--optim.warmup_steps=2", "--optim.decay_steps=10"))
+    assert rc == 0, out
+    return losses_by_step(run_dir)
+
+
+@pytest.mark.parametrize("before, after", RESHARD, ids=[f"{a}-to-{b}" for a, b in RESHARD])
+def test_checkpoint_resumes_under_another_layout(before, after, reference_12, data_root, tmp_path):
+    """Half the run under one layout, the rest under another: the losses continue as if
+    uninterrupted (model, optimizer state and data position all carried over)."""
+    common = ["--logging.every=1", "--optim.warmup_steps=2", "--optim.decay_steps=10"]
+    rc, out = run(command(before, data_root, tmp_path, "--train.max_steps=6", *common))
+    assert rc == 0, out
+    rc, out = run(command(after, data_root, tmp_path, "--train.max_steps=12", *common))
+    assert rc == 0, out
+    assert "resumed from" in out and "step_6 at step 6" in out
+    got = losses_by_step(tmp_path)
+    assert [got[s] for s in range(7, 13)] == pytest.approx([reference_12[s] for s in range(7, 13)], rel=1e-5)
+
+
+def worker_pid(agent_pid, local_rank):
+    """The pid of one torchrun worker, found through /proc."""
+    for c in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        env = Path(f"/proc/{c}/environ").read_bytes().split(b"\0")
+        if f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(c)
+    raise AssertionError("worker not found")
+
+
+@pytest.mark.parametrize("layout, sig, n", [("single", signal.SIGTERM, 300), ("fsdp2", signal.SIGUSR1, 120)])
+def test_stop_signal_saves_at_a_step_boundary_and_the_same_command_resumes(layout, sig, n, data_root, tmp_path):
+    steps = [f"--train.max_steps={n}", "--checkpoint.every=1000", "--logging.every=1"]
+    whole = tmp_path / "whole"
+    rc, out = run(command(layout, data_root, whole, *steps))
+    assert rc == 0, out
+    cut = tmp_path / "cut"
+    p = start(command(layout, data_root, cut, *steps))
+    metrics = cut / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 20):
+        assert p.poll() is None
+        time.sleep(0.02)
+    # Under torchrun the signal goes to one worker only (rank 1): the others must follow it.
+    target = p.pid if layout == "single" else worker_pid(p.pid, 1)
+    os.kill(target, sig)
+    out, _ = p.communicate(timeout=120)
+    if layout == "single":
+        assert p.returncode == EXIT_PREEMPTED, out
+    saved = checkpoints(cut)
+    assert len(saved) == 1 and 20 <= int(saved[0].name.split("_")[1]) < n, out
+    assert f"exiting with code {EXIT_PREEMPTED}" in out
+    rc, out = run(command(layout, data_root, cut, *steps))
+    assert rc == 0, out
+    assert losses_by_step(cut) == losses_by_step(whole)
