@@ -1,0 +1,138 @@
+"""Evaluate a model: python -m scaling.eval MODEL (loss --data DIR | hellaswag [--file F])
+
+MODEL is anything scaling.convert reads: a run or checkpoint folder, our .pt, a Hugging Face
+GPT-2 folder or a nanoGPT ckpt.pt.
+
+loss: mean next-token loss over the first --sequences windows of --seq-len tokens of a prepared
+  split (the published GPT-2 losses on OpenWebText val are 3.12 / 2.84 / 2.67 / 2.54 for 124M /
+  350M / 774M / 1.5B; README shows the commands).
+hellaswag: the multiple-choice benchmark llm.c and modded-nanogpt report. Each example's four
+  endings are scored by the model's loss on the ending's tokens after the context; acc takes the
+  ending with the lowest total loss, acc_norm the lowest mean loss per token (what llm.c
+  reports; GPT-2 124M scores about 0.29). The validation file is downloaded on first use.
+"""
+
+import argparse
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def load_any(src: str, device) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) from any weights scaling.convert reads."""
+    from scaling.convert import read_weights
+    from scaling.model import GPT
+    from scaling.tokenizer import GPT2Tokenizer, get_tokenizer
+    p = Path(src)
+    tok_file = next((f for f in (p / "tokenizer.json", *sorted(p.glob("checkpoints/step_*/tokenizer.json")))
+                     if f.is_file()), None) if p.is_dir() else None
+    sd, cfg = read_weights(src)
+    model = GPT(cfg)
+    model.load_state_dict(sd)
+    model.to(device).eval()
+    if tok_file is not None:
+        spec = json.loads(tok_file.read_text())
+        return model, get_tokenizer(spec["name"], spec)
+    return model, GPT2Tokenizer()  # Hugging Face and nanoGPT GPT-2 weights
+
+
+@torch.no_grad()
+def split_loss(model, data_dir: str, split: str, seq_len: int, sequences: int, batch: int, device) -> dict:
+    from scaling.data import TokenWindows
+    windows = TokenWindows(data_dir, split, seq_len)
+    n = min(sequences, windows.num_windows)
+    total = 0.0
+    for first in range(0, n, batch):
+        rows = np.stack([windows.window(w) for w in range(first, min(first + batch, n))]).astype(np.int64)
+        xy = torch.from_numpy(rows).to(device)
+        logits = model(xy[:, :-1])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten(), reduction="sum").item()
+    return {"loss": total / (n * seq_len), "sequences": n, "tokens": n * seq_len}
+
+
+def hellaswag_examples(path: str | None) -> list[dict]:
+    if path is None:
+        cache = Path.home() / ".cache" / "scaling" / "hellaswag_val.jsonl"
+        if not cache.is_file():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            urllib.request.urlretrieve(HELLASWAG_URL, tmp)
+            tmp.replace(cache)
+        path = cache
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def score_example(model, tokenizer, ex: dict, device) -> tuple[int, int]:
+    """(prediction by total ending loss, prediction by mean ending loss) for one example."""
+    ctx = tokenizer.encode(ex["ctx"])
+    # Each ending follows the context after a space, as GPT-2 would have seen it in running text.
+    ends = [tokenizer.encode(" " + e) for e in ex["endings"]]
+    room = model.cfg.block_size + 1 - max(len(e) for e in ends)
+    ctx = ctx[-room:] if room > 0 else ctx[:0]  # the model sees at most block_size tokens
+    T = max(len(ctx) + len(e) for e in ends)
+    rows = torch.zeros((len(ends), T), dtype=torch.long)
+    mask = torch.zeros((len(ends), T), dtype=torch.bool)
+    for i, e in enumerate(ends):
+        seq = ctx + e
+        rows[i, :len(seq)] = torch.tensor(seq)
+        mask[i, len(ctx):len(seq)] = True
+    rows, mask = rows.to(device), mask.to(device)
+    logits = model(rows[:, :-1]).float()
+    losses = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")  # (4, T-1)
+    m = mask[:, 1:].float()
+    total = (losses * m).sum(1)
+    mean = total / m.sum(1)
+    return int(total.argmin()), int(mean.argmin())
+
+
+def hellaswag(model, tokenizer, examples: list[dict], device, limit: int | None = None) -> dict:
+    examples = examples[:limit] if limit else examples
+    acc = acc_norm = 0
+    for ex in examples:
+        pred, pred_norm = score_example(model, tokenizer, ex, device)
+        acc += pred == int(ex["label"])
+        acc_norm += pred_norm == int(ex["label"])
+    n = len(examples)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "examples": n}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m scaling.eval", description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="run/checkpoint folder, .pt, Hugging Face folder or nanoGPT ckpt.pt")
+    ap.add_argument("task", choices=["loss", "hellaswag"])
+    ap.add_argument("--data", help="loss: a prepared dataset folder, e.g. data/openwebtext")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--sequences", type=int, default=500, help="loss: windows to evaluate")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--file", help="hellaswag: a local hellaswag_val.jsonl instead of the download")
+    ap.add_argument("--limit", type=int, help="hellaswag: only the first N examples")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a = ap.parse_args(argv)
+    from scaling.distributed import pick_device
+    device = pick_device(a.device)
+    try:
+        model, tok = load_any(a.model, device)
+        if a.task == "loss":
+            if not a.data:
+                raise ValueError("loss needs --data DIR (a prepared dataset)")
+            seq_len = min(a.seq_len, model.cfg.block_size)
+            r = split_loss(model, a.data, a.split, seq_len, a.sequences, a.batch, device)
+        else:
+            r = hellaswag(model, tok, hellaswag_examples(a.file), device, a.limit)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({"model": a.model, "task": a.task, **r}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Training metrics: throughput, MFU and memory, and the sinks they go to (console, JSONL, wandb)."""
+
+import json
+import math
+import os
+import resource
+import secrets
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
+PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A10G": 125e12,
+             "L4": 121e12, "L40S": 362e12, "4090": 165e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None where unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def memory(device: torch.device) -> dict:
+    """Memory in GB: CUDA's peak allocated and reserved, or the process's current and peak RSS."""
+    if device.type == "cuda":
+        return {"mem_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+                "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"mem_gb": rss / 1e9, "peak_mem_gb": peak / 1e9}
+
+
+class Metrics:
+    """Writes one JSON object per logged step to metrics.jsonl, a compact console line and, when
+    asked, to Weights & Biases. Only the process given enabled=True writes (rank 0)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, wandb_cfg=None, config: dict | None = None):
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self.wandb = start_wandb(Path(run_dir), wandb_cfg, config) if enabled and wandb_cfg else None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def log(self, record: dict):
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        print(format_line(record), flush=True)
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def start_wandb(run_dir: Path, lcfg, config):
+    """A wandb run named after the recipe; its id is kept in the run folder, so a resumed run
+    continues the same wandb run. logging.wandb_mode=offline needs no network and no account."""
+    import wandb
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(project=lcfg.wandb_project, name=(config or {}).get("name"), id=run_id, resume="allow",
+                      config=config, dir=str(run_dir), mode=lcfg.wandb_mode)
+
+
+def _clean(v):
+    """JSON has no NaN or infinity: store them as null so every reader can parse the file."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def format_line(r: dict) -> str:
+    parts = [f"step {r['step']}"]
+    if "val_loss" in r:
+        parts.append(f"val_loss {_num(r['val_loss'], '.4f')}")
+    if "loss" in r:
+        parts += [f"loss {_num(r['loss'], '.4f')}", f"lr {r['lr']:.2e}",
+                  f"grad_norm {_num(r['grad_norm'], '.3f')}",
+                  f"{r['tokens_per_sec']:,.0f} tok/s",
+                  f"mfu {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "mfu -"]
+        if "mem_gb" in r:
+            parts.append(f"mem {r['mem_gb']:.2f}GB")
+    parts.append(f"{r['elapsed_s']:.1f}s")
+    return " | ".join(parts)
+
+
+def _num(v, fmt):
+    return "nan" if v is None else format(v, fmt)

@@ -1,0 +1,80 @@
+"""Loss and throughput curves: python -m scaling.plot RUN_DIR [RUN_DIR ...] -o curves.png
+
+One figure, four panels: train and validation loss against step and against tokens seen,
+tokens/s against step, and learning rate against step; one colour per run (train solid,
+validation dashed). Needs matplotlib (pip install -e '.[plot]').
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_run(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl")
+    train, val = {}, {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            train[r["step"]] = r  # a resumed run re-logs some steps: the later record wins
+        if "val_loss" in r:
+            val[r["step"]] = r
+    return {"name": Path(run_dir).name, "train": [train[k] for k in sorted(train)],
+            "val": [val[k] for k in sorted(val)]}
+
+
+def plot(run_dirs: list[str], out: str) -> int:
+    """Writes the figure; returns the number of curves drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(d) for d in run_dirs]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (loss_step, loss_tokens), (speed, lr) = axes
+    curves = 0
+    for i, r in enumerate(runs):
+        c = f"C{i}"
+        tr, va = r["train"], r["val"]
+        for ax, x in ((loss_step, "step"), (loss_tokens, "tokens")):
+            ax.plot([p[x] for p in tr], [p["loss"] for p in tr], color=c, label=f"{r['name']} train")
+            if va:
+                ax.plot([p[x] for p in va], [p["val_loss"] for p in va], color=c, ls="--", label=f"{r['name']} val")
+                curves += 1
+            curves += 1
+        speed.plot([p["step"] for p in tr], [p["tokens_per_sec"] for p in tr], color=c, label=r["name"])
+        lr.plot([p["step"] for p in tr], [p["lr"] for p in tr], color=c, label=r["name"])
+        curves += 2
+    for ax, xl, yl in ((loss_step, "step", "loss"), (loss_tokens, "tokens", "loss"),
+                       (speed, "step", "tokens/s"), (lr, "step", "learning rate")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return curves
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m scaling.plot", description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl)")
+    ap.add_argument("-o", "--out", default="curves.png")
+    a = ap.parse_args(argv)
+    try:
+        n = plot(a.runs, a.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ImportError:
+        print("error: plotting needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {a.out} ({n} curves from {len(a.runs)} run(s))")
+
+
+if __name__ == "__main__":
+    main()
