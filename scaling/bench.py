@@ -1,0 +1,234 @@
+"""Benchmarks: python -m scaling.bench [throughput|layouts|prepare|loader] [options]
+
+throughput: the framework's training loop (scaling.train, everything on: schedule, clipping,
+  metrics, data loader) against a plain PyTorch loop of the same model, data and optimizer, in
+  one process, alternating rounds so that both see the same machine state. Each round times
+  `--steps` steps after as many warm-up steps; the table gives the median round.
+layouts: the demo recipe under each parallel layout (real torchrun processes), tokens/s.
+prepare: GPT-2 tokenization of the embedded corpus (Python stdlib source) by the preparation
+  pipeline at 1 and N workers against a plain encode_ordinary loop, and the pipeline's peak
+  memory for a corpus and for the same corpus 10 times over.
+loader: the data loader's time per optimizer step against the demo model's training step.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scaling.config import load_config
+from scaling.data import TokenWindows, load_meta
+from scaling.model import GPT
+from scaling.distributed import pick_device
+from scaling.train import autocast, dataset_dir, model_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# nanoGPT's shakespeare_char shape: 6 layers, 6 heads, 384 wide, context 256, batch 12.
+SHAPES = {
+    "baby": ["--model.n_layer=6", "--model.n_head=6", "--model.n_embd=384", "--model.block_size=256", "--train.seq_len=256",
+             "--train.micro_batch_size=12", "--train.global_batch_size=12", "--model.dropout=0.0"],
+    "demo": [],
+}
+
+
+def reference_loop(cfg, steps: int, warmup: int) -> float:
+    """Plain PyTorch: random windows from a token tensor, forward, backward, clip, AdamW.
+    Returns tokens/s over the timed steps."""
+    device = pick_device(cfg.train.device)
+    t = cfg.train
+    data_dir = dataset_dir(cfg)
+    tokens = torch.from_numpy(TokenWindows(data_dir, "train", t.seq_len).files[0][:2_000_000].astype("int64"))
+    model = GPT(model_config(cfg, load_meta(data_dir)["vocab_size"])).to(device)
+    model.init_weights(t.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            weight_decay=cfg.optim.weight_decay)
+    g = torch.Generator().manual_seed(t.seed)
+    start = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        ix = torch.randint(len(tokens) - t.seq_len - 1, (t.micro_batch_size,), generator=g)
+        x = torch.stack([tokens[i: i + t.seq_len] for i in ix]).to(device)
+        y = torch.stack([tokens[i + 1: i + 1 + t.seq_len] for i in ix]).to(device)
+        with autocast(device, t.dtype):
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss.item()  # wait for the device before reading the clock
+    return steps * t.micro_batch_size * t.seq_len / (time.perf_counter() - start)
+
+
+def framework_loop(cfg, steps: int) -> float:
+    """scaling.train itself for 2 x steps; the second logged interval is the timed one."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg.logging.run_dir = run_dir
+        cfg.train.max_steps, cfg.logging.every, cfg.train.eval_every = 2 * steps, steps, 0
+        cfg.logging.sample_tokens = 0
+        return train(cfg)["tokens_per_sec"]
+
+
+def throughput(recipe: str, overrides: list[str], steps: int, rounds: int) -> dict:
+    ref, fw = [], []
+    for _ in range(rounds):
+        ref.append(reference_loop(load_config(recipe, overrides), steps, warmup=steps))
+        fw.append(framework_loop(load_config(recipe, overrides), steps))
+    cfg = load_config(recipe, overrides)
+    return {"recipe": recipe, "overrides": overrides, "dtype": cfg.train.dtype,
+            "shape": f"{cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}, T={cfg.train.seq_len}, "
+                     f"B={cfg.train.micro_batch_size}",
+            "steps": steps, "rounds": rounds, "reference_tok_s": ref, "framework_tok_s": fw,
+            "reference_median": statistics.median(ref), "framework_median": statistics.median(fw),
+            "ratio": statistics.median(fw) / statistics.median(ref)}
+
+
+LAYOUTS = {  # name: (processes, overrides)
+    "single": (1, []),
+    "ddp2": (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
+    "fsdp2": (2, ["--parallel.dp_shard=2"]),
+    "tp2_sp": (2, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
+    "hsdp2x2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    "fsdp2_tp2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
+}
+
+
+def layouts(recipe: str, overrides: list[str], steps: int) -> list[dict]:
+    """tokens/s of the recipe under each layout, from the second half of a 2 x steps run."""
+    import os
+    import subprocess
+    import sys
+    out = []
+    for name, (nproc, extra) in LAYOUTS.items():
+        with tempfile.TemporaryDirectory() as run_dir:
+            args = [recipe, f"--train.max_steps={2 * steps}", f"--logging.every={steps}", "--train.eval_every=0",
+                    "--logging.sample_tokens=0", f"--logging.run_dir={run_dir}", "--checkpoint.resume=none",
+                    *extra, *overrides]
+            launch = [sys.executable, "-m", "scaling.train"] if nproc == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "scaling.train"]
+            # One process gets every core; several share them one thread each.
+            env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() // nproc or 1))
+            subprocess.run(launch + args, check=True, env=env, capture_output=True, cwd=ROOT)
+            last = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][-1]
+        out.append({"layout": name, "processes": nproc, "tokens_per_sec": last["tokens_per_sec"]})
+        print(f"{name:10} {nproc} processes {last['tokens_per_sec']:10,.0f} tok/s", flush=True)
+    return out
+
+
+def prepare_speed(workers: int) -> dict:
+    """Tokens/s of GPT-2 BPE over the embedded corpus: a plain loop vs the pipeline."""
+    import tiktoken
+
+    from scaling.prepare import stdlib_files, write_dataset
+    from scaling.tokenizer import GPT2Tokenizer
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
+    enc = tiktoken.get_encoding("gpt2")
+    t0 = time.perf_counter()
+    n = sum(len(enc.encode_ordinary(t)) for t in texts)
+    plain = n / (time.perf_counter() - t0)
+    res = {"corpus_tokens": n, "plain_loop_tok_s": plain}
+    for w in sorted({1, workers}):
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            docs = [("val" if i % 20 == 0 else "train", t) for i, t in enumerate(texts)]
+            write_dataset(d, GPT2Tokenizer(), docs, source="bench", workers=w)
+            res[f"pipeline_{w}_workers_tok_s"] = n / (time.perf_counter() - t0)
+    for k, v in res.items():
+        print(f"{k:28} {v:14,.0f}", flush=True)
+    return res
+
+
+PEAK_PROBE = """
+import resource, sys, tempfile
+from scaling.prepare import stdlib_files, write_dataset
+from scaling.tokenizer import GPT2Tokenizer
+files, repeat = stdlib_files(), int(sys.argv[1])
+docs = ((("val" if i % 20 == 0 else "train"), p.read_text(encoding="utf-8", errors="replace"))
+        for r in range(repeat) for i, p in enumerate(files))
+with tempfile.TemporaryDirectory() as d:
+    meta = write_dataset(d, GPT2Tokenizer(), docs, source="bench", shard_tokens=1_000_000)
+print(sum(s["tokens"] for s in meta["splits"].values()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def prepare_memory() -> list[dict]:
+    """Peak RSS of the pipeline, each size in its own process, with 1M-token shards."""
+    import subprocess
+    import sys
+    out = []
+    for repeat in (1, 10):
+        p = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(repeat)], capture_output=True, text=True,
+                           check=True, cwd=ROOT)
+        tokens, rss_kb = map(int, p.stdout.split())
+        out.append({"corpus_tokens": tokens, "peak_rss_mb": rss_kb / 1024})
+        print(f"corpus {tokens:13,} tokens: peak RSS {rss_kb / 1024:7.1f} MB", flush=True)
+    return out
+
+
+def loader_overhead(recipe: str, overrides: list[str], steps: int) -> dict:
+    """Time the loader takes to produce one optimizer step's batches, against the step itself."""
+    from scaling.data import DataLoader
+    cfg = load_config(recipe, overrides)
+    t = cfg.train
+    ld = DataLoader(TokenWindows(dataset_dir(cfg), "train", t.seq_len), t.micro_batch_size,
+                    t.global_batch_size, seed=t.seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ld.next_step()
+    per_step = (time.perf_counter() - t0) / steps
+    step_time = cfg.train.global_batch_size * t.seq_len / framework_loop(cfg, 10)
+    r = {"loader_ms_per_step": per_step * 1e3, "train_step_ms": step_time * 1e3,
+         "loader_fraction": per_step / step_time}
+    print(f"loader {r['loader_ms_per_step']:.2f} ms per step vs training step {r['train_step_ms']:.0f} ms: "
+          f"{100 * r['loader_fraction']:.2f}%", flush=True)
+    return r
+
+
+def environment() -> dict:
+    return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m scaling.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("what", nargs="?", default="throughput", choices=["throughput", "layouts", "prepare", "loader"])
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "cpu_demo.yaml"))
+    ap.add_argument("--shapes", default="baby,demo", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="prepare: tokenizer threads")
+    ap.add_argument("--out", default=None, help="JSON results (default runs/bench_<what>.json)")
+    ap.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key=value for every case")
+    a = ap.parse_args(argv)
+    if a.what == "layouts":
+        results = layouts(a.recipe, a.overrides, a.steps)
+    elif a.what == "prepare":
+        results = {"speed": prepare_speed(a.workers), "memory": prepare_memory()}
+    elif a.what == "loader":
+        results = loader_overhead(a.recipe, a.overrides, a.steps)
+    else:
+        results = []
+        print(f"{'shape':34} {'dtype':5} {'reference tok/s':>16} {'framework tok/s':>16} {'ratio':>6}", flush=True)
+        for shape in a.shapes.split(","):
+            for dtype in a.dtypes.split(","):
+                r = throughput(a.recipe, SHAPES[shape] + [f"--train.dtype={dtype}"] + a.overrides, a.steps, a.rounds)
+                results.append(r)
+                print(f"{r['shape']:34} {dtype:5} {r['reference_median']:16,.0f} {r['framework_median']:16,.0f} "
+                      f"{r['ratio']:6.3f}", flush=True)
+    out = Path(a.out or f"runs/bench_{a.what}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment(), a.what: results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

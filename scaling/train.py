@@ -1,0 +1,360 @@
+"""Train a GPT-2: python -m scaling.train RECIPE [--section.key=value ...]
+
+The order of things, top to bottom: config -> device -> data -> model -> optimizer ->
+loop (accumulate micro batches, clip, step, log, evaluate, checkpoint) -> final checkpoint
+and sample.
+"""
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from scaling import checkpoint, distributed
+from scaling.config import Config, ConfigError, die, main_with_config, save_config, to_dict
+from scaling.data import DataError, DataLoader, TokenWindows, load_meta
+from scaling.metrics import Metrics, memory, peak_flops
+from scaling.model import GPT, GPTConfig, gpt_config
+from scaling.optim import build_optimizer, lr_at
+from scaling.parallel import ParallelDims, build_mesh, dp_rank, parallelize
+from scaling.prepare import prepare_embedded
+from scaling.tokenizer import get_tokenizer
+
+USAGE = "python -m scaling.train RECIPE [--section.key=value ...]"
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on CPU and CUDA alike; fp32 runs with no context at all."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def dataset_dir(cfg: Config) -> Path:
+    """The dataset's folder; the embedded corpus is prepared here on first use."""
+    d = Path(cfg.data.root) / cfg.data.dataset
+    if not (d / "meta.json").is_file():
+        if cfg.data.dataset != "embedded":
+            raise DataError(f"dataset '{cfg.data.dataset}' is not prepared at {d}: "
+                            f"run python data/{cfg.data.dataset}/prepare.py")
+        print(f"preparing the embedded corpus in {d} ...", flush=True)
+        prepare_embedded(d)
+    return d
+
+
+def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
+    m = cfg.model
+    return gpt_config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                      vocab_size=m.vocab_size or vocab_size, dropout=m.dropout, bias=m.bias)
+
+
+def check_vocab(cfg: Config, meta: dict):
+    if cfg.data.tokenizer is not None and cfg.data.tokenizer != meta["tokenizer"]:
+        raise DataError(f"data.tokenizer: recipe expects '{cfg.data.tokenizer}' but dataset "
+                        f"'{cfg.data.dataset}' was prepared with '{meta['tokenizer']}'")
+    v = cfg.model.vocab_size
+    if v is not None and v < meta["vocab_size"]:
+        raise DataError(f"model.vocab_size: {v} is smaller than the dataset's vocabulary "
+                        f"({meta['tokenizer']}, {meta['vocab_size']} tokens)")
+
+
+def loss_fn(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model, windows: TokenWindows, cfg: Config, device, loss_ctx=contextlib.nullcontext) -> float:
+    """Mean loss over the first eval_sequences windows of the validation split: the same
+    sequences at every evaluation, whatever the micro batch size or the layout (each rank
+    evaluates all of them), so values are comparable across steps and across runs."""
+    model.eval()
+    n = min(cfg.train.eval_sequences, windows.num_windows)
+    total = torch.zeros((), device=device)
+    for first in range(0, n, cfg.train.micro_batch_size):
+        rows = np.stack([windows.window(w) for w in range(first, min(first + cfg.train.micro_batch_size, n))])
+        xy = torch.from_numpy(rows.astype(np.int64)).to(device)
+        with loss_ctx(), autocast(device, cfg.train.dtype):
+            total += local_value(loss_fn(model(xy[:, :-1]), xy[:, 1:])).float() * len(rows)
+    model.train()
+    return (total / n).item()
+
+
+def build_model(cfg: Config, vocab_size: int, dims: ParallelDims, mesh, device) -> GPT:
+    """The GPT, split over the mesh without ever existing whole on one rank: built on the meta
+    device (no memory), parallelized, then materialised shard by shard and initialised."""
+    with torch.device("meta"):
+        model = GPT(model_config(cfg, vocab_size))
+    parallelize(model, dims, mesh, cfg.parallel, device, cfg.train.dtype)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty() gives the LM head its own (empty) tensor again
+    model.init_weights(cfg.train.seed)  # per-parameter seeds: identical weights under any layout
+    return model
+
+
+def load_pretrained(model, cfg: Config, log):
+    """Overwrite the fresh weights with model.init_from's (fine-tuning). Every rank reads the file
+    and keeps its own shard of each tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from scaling.convert import read_weights
+    try:
+        sd, src = read_weights(cfg.model.init_from)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    ours = model.cfg
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
+        if getattr(src, key) != getattr(ours, key):
+            raise ConfigError(f"model.init_from: {cfg.model.init_from} has {key}={getattr(src, key)}, "
+                              f"the recipe {key}={getattr(ours, key)}")
+    if src.block_size < ours.block_size:
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} has block_size={src.block_size}, "
+                          f"smaller than the recipe's {ours.block_size}")
+    sd["wpe.weight"] = sd["wpe.weight"][: ours.block_size]  # a shorter context keeps the first positions
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+    model.tie_weights()
+    log(f"initialised from {cfg.model.init_from}", flush=True)
+
+
+def local_value(x: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (loss, grad norm under TP/FSDP) as a plain tensor."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+class Preempted(Exception):
+    pass
+
+
+class NonFinite(Exception):
+    pass
+
+
+class Profiler:
+    """A torch.profiler trace of the steps in logging.profile_steps ('a-b'), one file per rank."""
+
+    def __init__(self, steps: str | None, run_dir: Path, rank: int):
+        self.prof, self.first, self.last = None, None, None
+        if steps:
+            a, _, b = steps.partition("-")
+            self.first, self.last = int(a), int(b or a)
+        self.out = run_dir / "profile" / f"rank{rank}.json"
+
+    def step(self, step: int):
+        if self.first is None:
+            return
+        if step + 1 == self.first:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts, record_shapes=True, profile_memory=True)
+            self.prof.__enter__()
+        elif step == self.last:
+            self.close()
+
+    def close(self):
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.out))
+            print(f"profile of steps {self.first}-{self.last} written to {self.out}", flush=True)
+            self.prof = None
+
+
+def train_state(model, optimizer, loader, step: int, tokens: int) -> dict:
+    """Everything a checkpoint holds besides RNG states, config and tokenizer (checkpoint.py)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd, "data": loader.state_dict(),
+            "train": {"step": step, "tokens": tokens}}
+
+
+def resume_from(ckpt: checkpoint.Checkpointer, path: Path, model, optimizer, loader, log) -> tuple[int, int]:
+    state = train_state(model, optimizer, loader, 0, 0)
+    same_rng = ckpt.load(path, state)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    loader.load_state_dict(state["data"])
+    step, tokens = int(state["train"]["step"]), int(state["train"]["tokens"])
+    log(f"resumed from {path} at step {step}" + ("" if same_rng else
+        " (another world size: dropout RNG streams restart from the seed)"), flush=True)
+    return step, tokens
+
+
+def train(cfg: Config) -> dict:
+    """Run the recipe; returns the last logged metrics record (on every rank)."""
+    t, p = cfg.train, cfg.parallel
+    env = distributed.init(t.device, p.timeout_s)
+    device = env.device
+    log = print if env.is_main else (lambda *a, **k: None)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
+    if p.compile is None:
+        p.compile = device.type == "cuda"  # on CPU compile costs a minute and runs slower
+    if env.is_main:
+        data_dir = dataset_dir(cfg)  # may prepare the embedded corpus: one rank does it
+    distributed.barrier()
+    data_dir = dataset_dir(cfg)
+    meta = load_meta(data_dir)
+    check_vocab(cfg, meta)
+    resume = checkpoint.resolve_resume(cfg, report=log)
+    run_dir = Path(cfg.logging.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(t.seed + env.rank)  # dropout; weights and data order have their own streams
+    mesh, dp_mesh = build_mesh(dims, device.type)
+
+    tokenizer_spec = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}
+    tokenizer_spec["name"] = tokenizer_spec.pop("tokenizer")
+    train_loader = DataLoader(TokenWindows(data_dir, "train", t.seq_len), t.micro_batch_size,
+                              t.global_batch_size, dp_rank=dp_rank(dp_mesh), dp_size=dims.dp, seed=t.seed,
+                              device=device)
+    val_windows = TokenWindows(data_dir, "val", t.seq_len) if t.eval_every else None
+
+    model = build_model(cfg, meta["vocab_size"], dims, mesh, device)
+    optimizer = build_optimizer(model, cfg.optim, fused=not dims.tp > 1 and not dims.fsdp)
+    # Under TP with loss parallelism the logits stay split over the vocabulary into the loss.
+    loss_ctx = loss_parallel if dims.tp > 1 and p.loss_parallel else contextlib.nullcontext
+    syncs = dims.fsdp or dims.ddp
+    ckpt = checkpoint.Checkpointer(cfg, tokenizer_spec)
+    if resume:
+        start, tokens = resume_from(ckpt, resume, model, optimizer, train_loader, log)
+    else:
+        start, tokens = 0, 0
+        if cfg.model.init_from:
+            load_pretrained(model, cfg, log)
+    stop = distributed.StopSignal()
+
+    flops_per_token = model.flops_per_token(t.seq_len)
+    peak = peak_flops(device)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    log(f"model: {model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
+        f"{tokens_per_step:,} tokens/step | {dims.describe()} | device {device} | dtype {t.dtype} | "
+        f"run_dir {run_dir}", flush=True)
+
+    metrics = Metrics(run_dir, enabled=env.is_main, wandb_cfg=cfg.logging if cfg.logging.wandb else None,
+                      config=to_dict(cfg))
+    profiler = Profiler(cfg.logging.profile_steps, run_dir, env.rank)
+    last = {}
+    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
+    if val_windows and start == 0:  # the starting point, for comparison
+        metrics.log({"step": 0, "val_loss": evaluate(model, val_windows, cfg, device, loss_ctx),
+                     "tokens": 0, "elapsed_s": metrics.elapsed()})
+    t_log, steps_since_log, skipped = time.perf_counter(), 0, 0
+    timers = {"data": 0.0, "compute": 0.0, "optim": 0.0}
+    for step in range(start, t.max_steps):
+        profiler.step(step)
+        lr = lr_at(step, cfg.optim, t.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        micro_batches = train_loader.next_step()
+        t1 = time.perf_counter()
+        for i, (x, y) in enumerate(micro_batches):
+            if syncs:  # reduce gradients once per step, after the last micro batch
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            with loss_ctx():
+                with autocast(device, t.dtype):
+                    # Every micro batch holds the same number of tokens, so the mean of the
+                    # per-micro-batch means (over micro batches here, over ranks in the gradient
+                    # reduction) is the mean over the global batch's tokens.
+                    loss = loss_fn(model(x), y) / len(micro_batches)
+                loss.backward()
+            loss_sum += local_value(loss.detach())
+        t2 = time.perf_counter()
+        grad_norm = local_value(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf")))
+        # One host sync per step: a NaN/inf (loss or any gradient) must never reach the weights.
+        if not torch.isfinite(grad_norm):
+            if t.on_nonfinite == "stop":
+                metrics.close()
+                raise NonFinite(f"non-finite gradient norm at step {step + 1} (loss "
+                                f"{local_value(loss.detach()).item() * len(micro_batches):.4g}): stopping; the "
+                                f"checkpoints are untouched (train.on_nonfinite=skip skips such batches)")
+            skipped += 1
+            log(f"step {step + 1}: non-finite gradient norm, update skipped ({skipped} so far)", flush=True)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        for k, dt in zip(timers, (t1 - t0, t2 - t1, t3 - t2)):
+            timers[k] += dt
+        steps_since_log += 1
+        done, tokens = step + 1, tokens + tokens_per_step
+
+        if done % cfg.logging.every == 0 or done == t.max_steps:
+            loss_avg = distributed.all_reduce_mean(loss_sum / steps_since_log).item()
+            now = time.perf_counter()
+            tok_s = steps_since_log * tokens_per_step / (now - t_log)
+            last = {"step": done, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
+                    "tokens_per_sec": tok_s, "tokens_per_sec_per_device": tok_s / env.world_size,
+                    "mfu": tok_s / env.world_size * flops_per_token / peak if peak else None,
+                    **{f"{k}_ms": 1e3 * v / steps_since_log for k, v in timers.items()},
+                    **memory(device), "skipped_steps": skipped, "tokens": tokens, "elapsed_s": metrics.elapsed()}
+            metrics.log(last)
+            loss_sum.zero_()
+            timers = dict.fromkeys(timers, 0.0)
+            t_log, steps_since_log = time.perf_counter(), 0
+        if val_windows and (done % t.eval_every == 0 or done == t.max_steps):
+            t_eval = time.perf_counter()
+            val_loss = evaluate(model, val_windows, cfg, device, loss_ctx)
+            metrics.log({"step": done, "val_loss": val_loss, "tokens": tokens, "elapsed_s": metrics.elapsed()})
+            last["val_loss"] = val_loss
+            t_log += time.perf_counter() - t_eval  # keep evaluation out of the throughput figure
+        every = cfg.checkpoint.every
+        stopping = stop.agreed(device)
+        t_save = time.perf_counter()
+        if (every and done % every == 0) or done == t.max_steps or stopping:
+            ckpt.save(done, train_state(model, optimizer, train_loader, done, tokens))
+        ckpt.poll()
+        t_log += time.perf_counter() - t_save
+        if stopping:
+            ckpt.wait()
+            log(f"{stop.received or 'stop signal on another rank'}: saved step {done}, exiting with "
+                f"code {distributed.EXIT_PREEMPTED} (run the same command to resume)", flush=True)
+            metrics.close()
+            raise Preempted()
+    profiler.close()
+
+    ckpt.wait()
+    if cfg.logging.sample_tokens:
+        # Every rank runs the sampling (the sharded model needs all of them); rank 0 prints.
+        tok = get_tokenizer(tokenizer_spec["name"], tokenizer_spec)
+        text = sample_text(model, tok, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
+                           seed=t.seed, device=device)
+        log("sample:\n" + text, flush=True)
+    metrics.close()
+    return last
+
+
+def sample_text(model, tokenizer, prompt: str, n: int, temperature=0.8, top_k=200, seed=0,
+                device="cpu") -> str:
+    ids = tokenizer.encode(prompt) or [tokenizer.eot or 0]
+    idx = torch.tensor([ids], device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    out = model.generate(idx, n, temperature=temperature, top_k=top_k, generator=g)
+    model.train()
+    return tokenizer.decode(out[0].tolist())
+
+
+def main(argv=None):
+    cfg = main_with_config(sys.argv[1:] if argv is None else argv, USAGE)
+    try:
+        train(cfg)
+    except (DataError, ConfigError) as e:
+        die(str(e))
+    except Preempted:
+        sys.exit(distributed.EXIT_PREEMPTED)
+    except NonFinite as e:
+        die(str(e), code=3)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Single-process training: metrics, determinism, accumulation, schedule, dtype, sampling."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY, run_module, tiny_args
+from scaling.config import OptimConfig, load_config
+from scaling.model import GPT, gpt_config
+from scaling.optim import build_optimizer, lr_at
+from scaling.train import train
+
+
+def run(data_root, run_dir, *overrides):
+    """Train tests/tiny.yaml in this process; returns the metrics.jsonl records."""
+    cfg = load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={run_dir}", *overrides])
+    train(cfg)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(records):
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_metrics_jsonl_has_the_documented_keys(data_root, tmp_path):
+    records = run(data_root, tmp_path / "r")
+    train_lines = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4, 6, 8]
+    for r in train_lines:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s", "tokens"} <= r.keys()
+        assert r["mfu"] is None  # no known peak for a CPU
+        assert r["tokens_per_sec"] > 0 and math.isfinite(r["loss"])
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 4, 8]  # 0: before training
+
+
+def test_same_seed_gives_bit_identical_losses(data_root, tmp_path):
+    a = losses(run(data_root, tmp_path / "a", "--model.dropout=0.1"))
+    b = losses(run(data_root, tmp_path / "b", "--model.dropout=0.1"))
+    c = losses(run(data_root, tmp_path / "c", "--model.dropout=0.1", "--train.seed=2"))
+    assert a == b
+    assert a != c
+
+
+def test_gradient_accumulation_matches_one_large_batch(data_root, tmp_path):
+    big = losses(run(data_root, tmp_path / "big", "--train.micro_batch_size=8"))
+    acc = losses(run(data_root, tmp_path / "acc", "--train.micro_batch_size=2", "--train.global_batch_size=8"))
+    assert acc == pytest.approx(big, abs=2e-5)
+
+
+def test_validation_loss_falls_while_training(data_root, tmp_path):
+    records = run(data_root, tmp_path / "r", "--train.max_steps=60", "--train.eval_every=20",
+                  "--optim.lr=3e-3", "--optim.warmup_steps=5", "--logging.every=20")
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 4 and val[0] == pytest.approx(math.log(257), rel=0.02)  # step 0: about uniform
+    assert val[-1] < 0.75 * math.log(257) and val == sorted(val, reverse=True)
+
+
+def test_bf16_autocast_trains_on_cpu_close_to_fp32(data_root, tmp_path):
+    fp32 = losses(run(data_root, tmp_path / "fp32"))
+    bf16 = losses(run(data_root, tmp_path / "bf16", "--train.dtype=bf16"))
+    assert all(math.isfinite(x) for x in bf16)
+    assert bf16 == pytest.approx(fp32, abs=0.05)
+    assert bf16 != fp32
+
+
+def test_resolved_config_and_final_checkpoint_land_in_the_run_dir(data_root, tmp_path):
+    run(data_root, tmp_path / "r")
+    assert load_config(tmp_path / "r" / "config.yaml").train.max_steps == 8
+    assert (tmp_path / "r" / "checkpoints" / "step_8" / ".metadata").is_file()
+
+
+def test_cli_trains_and_sample_prints_text_from_the_run(data_root, tmp_path):
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path / "r", "--logging.sample_tokens=20"))
+    assert p.returncode == 0, p.stderr
+    assert "step 8 | loss" in p.stdout and "sample:" in p.stdout
+    s = run_module("scaling.sample", tmp_path / "r", "--prompt", "ROMEO:", "--max-new-tokens", "30")
+    assert s.returncode == 0, s.stderr
+    assert s.stdout.startswith("ROMEO:") and len(s.stdout) > len("ROMEO:")
+
+
+def test_sample_without_a_checkpoint_is_a_one_line_error(tmp_path):
+    s = run_module("scaling.sample", tmp_path)
+    assert s.returncode == 2 and s.stderr.startswith("error: no complete checkpoint")
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # half way through the decay
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(500, cfg, 110) == pytest.approx(0.1)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(gpt_config("tiny", vocab_size=50, block_size=8))
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_step_time_split_and_memory_are_logged(data_root, tmp_path):
+    r = [x for x in run(data_root, tmp_path / "r") if "loss" in x][-1]
+    assert {"data_ms", "compute_ms", "optim_ms", "mem_gb", "peak_mem_gb", "tokens_per_sec_per_device"} <= r.keys()
+    assert r["compute_ms"] > r["data_ms"] >= 0 and 0.05 < r["mem_gb"] <= r["peak_mem_gb"] < 20
+    assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, tmp_path):
+    good = run_module("scaling.train", *tiny_args(data_root, tmp_path, "--checkpoint.every=4"), check=True)
+    assert good.returncode == 0
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "checkpoints").rglob("*")}
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, "--train.max_steps=40", "--optim.lr=1e12",
+                                               "--train.grad_clip=0", "--checkpoint.every=1"))
+    assert p.returncode == 3 and "non-finite" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    after = {f: f.stat().st_mtime_ns for f in (tmp_path / "checkpoints").rglob("*")}
+    # The newest good checkpoint is untouched, and no checkpoint holds a non-finite weight.
+    assert all(before[f] == after.get(f) for f in before if f.parent.name == "step_8")
+    from scaling.checkpoint import checkpoints, load_model
+    for ck in checkpoints(tmp_path):
+        model, _, _ = load_model(ck)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), ck
+
+
+def test_non_finite_batches_can_be_skipped(data_root, tmp_path):
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, "--train.max_steps=40", "--optim.lr=1e12",
+                                               "--train.grad_clip=0", "--train.on_nonfinite=skip"), check=True)
+    assert "update skipped" in p.stdout
+    last = [r for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
+    assert last["skipped_steps"] > 0
+
+
+def test_wandb_offline_run_holds_the_logged_keys(data_root, tmp_path):
+    run(data_root, tmp_path / "r", "--logging.wandb=true", "--logging.wandb_mode=offline")
+    runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = (tmp_path / "r" / "wandb_id").read_text()
+    assert runs[0].name.endswith(run_id)
+    # The run file is wandb's own record log; the history records name each logged key.
+    data = next(runs[0].glob("*.wandb")).read_bytes()
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "mfu", "compute_ms"):
+        assert key.encode() in data, key
+    # A resumed run continues the same wandb run.
+    run(data_root, tmp_path / "r", "--logging.wandb=true", "--logging.wandb_mode=offline", "--train.max_steps=10")
+    assert (tmp_path / "r" / "wandb_id").read_text() == run_id
