@@ -75,18 +75,22 @@ def framework_loop(cfg, steps: int) -> float:
         return train(cfg)["tokens_per_sec"]
 
 
-def throughput(recipe: str, overrides: list[str], steps: int, rounds: int) -> dict:
-    ref, fw = [], []
+def throughput(recipe: str, overrides: list[str], steps: int, rounds: int, compile: bool = False) -> dict:
+    ref, fw, comp = [], [], []
     for _ in range(rounds):
         ref.append(reference_loop(load_config(recipe, overrides), steps, warmup=steps))
         fw.append(framework_loop(load_config(recipe, overrides), steps))
+        if compile:  # the first half of the run includes compilation; the second is timed
+            comp.append(framework_loop(load_config(recipe, overrides + ["--parallel.compile=true"]), steps))
     cfg = load_config(recipe, overrides)
     return {"recipe": recipe, "overrides": overrides, "dtype": cfg.train.dtype,
             "shape": f"{cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}, T={cfg.train.seq_len}, "
                      f"B={cfg.train.micro_batch_size}",
             "steps": steps, "rounds": rounds, "reference_tok_s": ref, "framework_tok_s": fw,
             "reference_median": statistics.median(ref), "framework_median": statistics.median(fw),
-            "ratio": statistics.median(fw) / statistics.median(ref)}
+            "ratio": statistics.median(fw) / statistics.median(ref),
+            "compiled_tok_s": comp, "compiled_median": statistics.median(comp) if comp else None,
+            "compile_gain": statistics.median(comp) / statistics.median(fw) if comp else None}
 
 
 LAYOUTS = {  # name: (processes, overrides)
@@ -206,9 +210,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="prepare: tokenizer threads")
+    ap.add_argument("--compile", action="store_true", help="throughput: also time the framework with "
+                    "parallel.compile=true")
     ap.add_argument("--out", default=None, help="JSON results (default runs/bench_<what>.json)")
-    ap.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key=value for every case")
-    a = ap.parse_args(argv)
+    a, a.overrides = ap.parse_known_args(argv)  # the rest: --section.key=value for every case
     if a.what == "layouts":
         results = layouts(a.recipe, a.overrides, a.steps)
     elif a.what == "prepare":
@@ -217,13 +222,16 @@ def main(argv=None):
         results = loader_overhead(a.recipe, a.overrides, a.steps)
     else:
         results = []
-        print(f"{'shape':34} {'dtype':5} {'reference tok/s':>16} {'framework tok/s':>16} {'ratio':>6}", flush=True)
+        print(f"{'shape':34} {'dtype':5} {'reference tok/s':>16} {'framework tok/s':>16} {'ratio':>6}"
+              + (f" {'compiled tok/s':>15} {'gain':>6}" if a.compile else ""), flush=True)
         for shape in a.shapes.split(","):
             for dtype in a.dtypes.split(","):
-                r = throughput(a.recipe, SHAPES[shape] + [f"--train.dtype={dtype}"] + a.overrides, a.steps, a.rounds)
+                r = throughput(a.recipe, SHAPES[shape] + [f"--train.dtype={dtype}"] + a.overrides, a.steps, a.rounds,
+                               a.compile)
                 results.append(r)
                 print(f"{r['shape']:34} {dtype:5} {r['reference_median']:16,.0f} {r['framework_median']:16,.0f} "
-                      f"{r['ratio']:6.3f}", flush=True)
+                      f"{r['ratio']:6.3f}" + (f" {r['compiled_median']:15,.0f} {r['compile_gain']:6.3f}"
+                                              if a.compile else ""), flush=True)
     out = Path(a.out or f"runs/bench_{a.what}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": environment(), a.what: results}, indent=2))

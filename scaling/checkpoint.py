@@ -16,7 +16,6 @@ background thread while training goes on; at most one save is in flight, and the
 the end of training) waits for it.
 """
 
-import contextlib
 import json
 import re
 import shutil
@@ -32,12 +31,9 @@ from scaling.config import Config, ConfigError, load_config, save_config
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-@contextlib.contextmanager
-def _quiet():
-    """DCP warns on every single-process save and load that no process group exists: intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+# DCP warns on every single-process save and load (also from its background writer thread)
+# that no process group exists: that is intended here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def step_of(path: Path) -> int:
@@ -154,11 +150,10 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier()
         torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-        with _quiet():
-            if self.cfg.checkpoint.async_save:
-                self.pending = (dcp.async_save(state, checkpoint_id=tmp, process_group=self.group), tmp, final)
-                return
-            dcp.save(state, checkpoint_id=tmp)
+        if self.cfg.checkpoint.async_save:
+            self.pending = (dcp.async_save(state, checkpoint_id=tmp, process_group=self.group), tmp, final)
+            return
+        dcp.save(state, checkpoint_id=tmp)
         _barrier()
         self._commit(tmp, final)
         _barrier()
@@ -209,8 +204,7 @@ class Checkpointer:
 
     def load(self, path: Path, state: dict):
         """Fill state (same structure as saved) from a checkpoint, resharding as needed."""
-        with _quiet():
-            dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path)
         rng = path / f"rng_rank{_rank()}.pt"
         same_world = (dist.get_world_size() if dist.is_initialized() else 1) == len(list(path.glob("rng_rank*.pt")))
         if same_world and rng.is_file():
@@ -245,7 +239,6 @@ def load_model(path: str | Path, device="cpu"):
     model.to_empty(device=device)
     model.tie_weights()
     sd = get_model_state_dict(model)
-    with _quiet():
-        dcp.load({"model": sd}, checkpoint_id=ckpt)
+    dcp.load({"model": sd}, checkpoint_id=ckpt)
     model.eval()
     return model, get_tokenizer(tok_spec["name"], tok_spec), cfg

@@ -136,7 +136,8 @@ rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = build_model(cfg, 50257, dims, mesh, torch.device("cpu"))
 local = sum(p.to_local().numel() for p in model.parameters())
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-print(f"RESULT {env.rank} {local} {model.num_params()} {grown}", flush=True)
+with open(f"result_rank{env.rank}.txt", "w") as f:  # files, not stdout: ranks' prints interleave
+    f.write(f"{local} {model.num_params()} {grown}")
 dist.destroy_process_group()
 """
 
@@ -148,9 +149,9 @@ def test_gpt2_under_fsdp4_never_materialises_on_one_rank(tmp_path):
     script.write_text(SHARD_PROBE)
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                        str(script)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+                        str(script)], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [list(map(int, line.split()[2:])) for line in p.stdout.splitlines() if line.startswith("RESULT")]
+    rows = [list(map(int, (tmp_path / f"result_rank{r}.txt").read_text().split())) for r in range(4)]
     assert len(rows) == 4
     total = 124_439_808
     assert all(r[1] == total for r in rows)  # the global count is GPT-2's

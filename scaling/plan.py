@@ -1,0 +1,226 @@
+"""Will it fit, and how long will it take? python -m scaling.plan RECIPE --gpus N [--gpu h100] [--gpu-mem 80GB]
+
+Prints parameters, FLOPs per token, per-GPU memory by part, whether it fits, the largest micro
+batch that fits, and step time and time to the recipe's tokens at an assumed MFU.
+
+Memory per rank (bytes), P parameters, s sequence length, b micro batch, h width, L layers,
+V vocabulary, t tensor-parallel degree, d the FSDP shard degree:
+- parameters, gradients, AdamW m and v: 4 bytes each per parameter (fp32 master weights; bf16
+  compute comes from FSDP's mixed precision or autocast), divided by d x t under FSDP and by t
+  under DDP;
+- communication buffers: FSDP gathers a block's bf16 (or fp32) parameters for the block being
+  computed and the one prefetched, holds its unsharded gradients and a reduce-scatter input;
+  the root (embeddings, LM head) stays gathered from forward to backward;
+- activations (Korthikanti et al. 2022, attention through SDPA so no s^2 term): per layer
+  34*s*b*h bytes in 16-bit (x2 in fp32), / t with sequence parallelism, (10 + 24/t)*s*b*h
+  without; a fully checkpointed layer keeps only its input (2*s*b*h) and one layer is live while
+  recomputed; backward adds one MLP's hidden gradients (16*s*b*h); plus the logits, b*s*V*(2 + 8) bytes (bf16 logits, fp32 log-softmax and its
+  gradient), / t with loss parallelism;
+- runtime: the CUDA context and allocator slack (1.5 GB), or on CPU this process's own
+  footprint with torch loaded.
+
+--measure builds the model on the meta device under the recipe's real parallel plan, once per
+rank over torch's fake process group, and reports the parameter elements each rank actually
+holds, so the sharding term is checked against real sharding rather than trusted.
+"""
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from scaling.config import Config, ConfigError, load_config
+from scaling.model import GPT, gpt_config
+
+GPUS = {"a100": (312e12, 80), "h100": (989e12, 80), "h200": (989e12, 141), "a10g": (125e12, 24),
+        "l4": (121e12, 24), "b200": (2250e12, 192)}
+CUDA_RUNTIME_GB = 1.5
+GB = 1e9
+
+
+@dataclass
+class Shape:
+    P: int  # parameters, tied embedding counted once
+    L: int
+    h: int
+    V: int
+    s: int
+    block: int  # parameters of one block
+    root: int  # parameters outside the blocks (embeddings, final norm)
+    flops_per_token: int
+
+
+def shape_of(cfg: Config, vocab_size: int) -> Shape:
+    import torch
+    m = cfg.model
+    with torch.device("meta"):
+        model = GPT(gpt_config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                               vocab_size=m.vocab_size or vocab_size, bias=m.bias))
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    P = model.num_params()
+    return Shape(P=P, L=m.n_layer, h=m.n_embd, V=model.cfg.vocab_size, s=cfg.train.seq_len, block=block,
+                 root=P - m.n_layer * block, flops_per_token=model.flops_per_token(cfg.train.seq_len))
+
+
+def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
+    """Bytes per rank, by part, for micro batch b."""
+    p = cfg.parallel
+    t, d = p.tp, p.dp_shard
+    fsdp = d > 1 or (p.dp_replicate > 1 and t > 1)
+    gpu_bf16 = device == "cuda" and cfg.train.dtype == "bf16"
+    shard = d * t if fsdp else t
+    out = {"parameters": 4 * sh.P / shard, "gradients": 4 * sh.P / shard, "optimizer": 8 * sh.P / shard}
+    # FSDP's gathered copies: 2 blocks of parameters (current + prefetched) and one block's
+    # unsharded gradients and reduce-scatter input; the root is kept gathered.
+    gathered = 2 if gpu_bf16 else 4
+    if fsdp:
+        out["comm_buffers"] = (2 * gathered + gathered + 4) * sh.block / t + (gathered + 4) * sh.root / t
+    else:
+        out["comm_buffers"] = 0.0
+    if cfg.train.dtype == "bf16" and not (gpu_bf16 and fsdp):
+        # Autocast keeps a bf16 copy of every weight it casts until the forward ends (under FSDP
+        # the gathered, whole weights: / t only).
+        out["autocast_cache"] = 2 * sh.P / t
+    act_bytes = 1 if cfg.train.dtype == "bf16" else 2  # Korthikanti's figures are for 16-bit
+    sbh = sh.s * b * sh.h
+    full = (34 / t if p.sequence_parallel or t == 1 else 10 + 24 / t) * sbh * act_bytes
+    ckpt = 2 * sbh * act_bytes
+    ac = p.activation_checkpoint
+    n_ckpt = sh.L if ac == "full" else (math.ceil(sh.L / p.ac_every) if ac == "selective" else 0)
+    layers = n_ckpt * ckpt + (sh.L - n_ckpt) * full + (full if n_ckpt else 0)
+    # Backward's working set on top of what is saved: the gradients of one MLP's 4h-wide hidden
+    # activations and of its GELU input, 2 x 4h per token.
+    layers += 16 * sbh * act_bytes / t
+    vocab_split = t if p.loss_parallel else 1
+    logits = b * sh.s * sh.V * ((2 if cfg.train.dtype == "bf16" else 4) + 8) / vocab_split
+    out["activations"] = layers + logits
+    out["runtime"] = CUDA_RUNTIME_GB * GB if device == "cuda" else process_rss()
+    return out
+
+
+def process_rss() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def largest_micro_batch(cfg, sh, device, capacity) -> int:
+    fixed = sum(memory(cfg, sh, 0, device).values())
+    per_b = sum(memory(cfg, sh, 1, device).values()) - fixed
+    return max(0, int((capacity - fixed) // per_b))
+
+
+def plan(cfg: Config, gpus: int, gpu: str, gpu_mem_gb: float | None, mfu: float, device: str,
+         vocab_size: int = 50257) -> dict:
+    sh = shape_of(cfg, vocab_size)
+    t = cfg.train
+    mem = memory(cfg, sh, t.micro_batch_size, device)
+    peak, default_mem = GPUS[gpu]
+    capacity = (gpu_mem_gb or default_mem) * GB
+    total = sum(mem.values())
+    tokens_per_step = t.global_batch_size * t.seq_len
+    step_s = tokens_per_step * sh.flops_per_token / (gpus * peak * mfu)
+    return {"parameters": sh.P, "flops_per_token": sh.flops_per_token, "memory": mem, "total": total,
+            "capacity": capacity, "fits": total <= capacity,
+            "largest_micro_batch": largest_micro_batch(cfg, sh, device, capacity),
+            "tokens_per_step": tokens_per_step, "step_s": step_s,
+            "tokens_per_sec": tokens_per_step / step_s, "run_s": step_s * t.max_steps,
+            "run_tokens": tokens_per_step * t.max_steps}
+
+
+def load_for_world(recipe: str, gpus: int, overrides=()) -> Config:
+    """The recipe resolved as if launched on `gpus` ranks."""
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(gpus)
+    try:
+        return load_config(recipe, list(overrides))
+    finally:
+        if old is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = old
+
+
+def duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def report(cfg: Config, r: dict, gpus: int, gpu: str, mfu: float) -> str:
+    p = cfg.parallel
+    lines = [f"{cfg.name}: {r['parameters']:,} parameters, {r['flops_per_token'] / 1e9:.2f} GFLOPs/token, "
+             f"{gpus} x {gpu} (dp_replicate={p.dp_replicate}, dp_shard={p.dp_shard}, tp={p.tp}, "
+             f"activation_checkpoint={p.activation_checkpoint})",
+             f"per rank, micro batch {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens:"]
+    for k, v in r["memory"].items():
+        lines.append(f"  {k:13} {v / GB:8.2f} GB")
+    lines.append(f"  {'total':13} {r['total'] / GB:8.2f} GB of {r['capacity'] / GB:.0f} GB: "
+                 f"{'fits' if r['fits'] else 'DOES NOT FIT'}; largest micro batch that fits: {r['largest_micro_batch']}")
+    lines.append(f"at {mfu:.0%} MFU: {r['tokens_per_sec']:,.0f} tokens/s, {r['step_s']:.2f} s per step of "
+                 f"{r['tokens_per_step']:,} tokens, {duration(r['run_s'])} for {cfg.train.max_steps:,} steps "
+                 f"({r['run_tokens'] / 1e9:.1f}B tokens)")
+    return "\n".join(lines)
+
+
+def measure(cfg: Config, gpus: int, vocab_size: int = 50257) -> list[int]:
+    """Parameter elements each rank holds under the recipe's real parallel plan: the model is built
+    on the meta device and parallelized once per rank, in this process, over torch's fake process
+    group (collectives do nothing, shapes and shards are real), so no memory and no GPU is needed."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from scaling.parallel import ParallelDims, build_mesh, parallelize
+    from scaling.train import model_config
+    p = cfg.parallel
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
+    counts = []
+    for rank in range(gpus):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=gpus)
+        try:
+            mesh, _ = build_mesh(dims, "cpu")
+            with torch.device("meta"):
+                model = GPT(model_config(cfg, vocab_size))
+            parallelize(model, dims, mesh, p, torch.device("cpu"), cfg.train.dtype)
+            counts.append(sum((q.to_local() if hasattr(q, "to_local") else q).numel() for q in model.parameters()))
+        finally:
+            dist.destroy_process_group()
+    return counts
+
+
+def parse_gb(text: str) -> float:
+    t = text.strip().upper().removesuffix("B").removesuffix("G")
+    return float(t)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m scaling.plan", description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--gpus", type=int, required=True, help="world size (GPUs, or CPU processes)")
+    ap.add_argument("--gpu", default="h100", choices=list(GPUS))
+    ap.add_argument("--gpu-mem", help="memory per GPU, e.g. 80GB (default: the GPU's)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="plan a CPU run instead")
+    ap.add_argument("--vocab-size", type=int, default=50257, help="when the recipe leaves it to the dataset")
+    ap.add_argument("--measure", action="store_true", help="also count each rank's real shard (CPU processes)")
+    a, a.overrides = ap.parse_known_args(argv)  # the rest: --section.key=value overrides
+    try:
+        cfg = load_for_world(a.recipe, a.gpus, a.overrides)
+        r = plan(cfg, a.gpus, a.gpu, parse_gb(a.gpu_mem) if a.gpu_mem else None, a.mfu, a.device, a.vocab_size)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(report(cfg, r, a.gpus, a.gpu, a.mfu))
+    if a.measure:
+        cfg.parallel.compile = False
+        counts = measure(cfg, a.gpus, a.vocab_size)
+        predicted = r["memory"]["parameters"] / 4
+        print("measured parameter elements per rank: " + ", ".join(f"{c:,}" for c in counts)
+              + f" (planned {predicted:,.0f}; largest off by {max(abs(c / predicted - 1) for c in counts):.2%})")
+
+
+if __name__ == "__main__":
+    main()
