@@ -9,10 +9,16 @@ prepare: GPT-2 tokenization of the embedded corpus (Python stdlib source) by the
   pipeline at 1 and N workers against a plain encode_ordinary loop, and the pipeline's peak
   memory for a corpus and for the same corpus 10 times over.
 loader: the data loader's time per optimizer step against the demo model's training step.
+comm: interconnect, as nccl-tests reports it: all_reduce, all_gather and reduce_scatter over
+  message sizes, time, algorithm bandwidth (bytes / time) and bus bandwidth (algbw x 2(n-1)/n for
+  all_reduce, x (n-1)/n for the others: the bytes each link carries). NCCL on GPUs, gloo on CPUs.
+  Run it under torchrun (launch/torchrun.sh with SCALING_MODULE=scaling.bench, or
+  torchrun --nproc_per_node=N -m scaling.bench comm); run alone it starts 2 local processes.
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -105,7 +111,6 @@ LAYOUTS = {  # name: (processes, overrides)
 
 def layouts(recipe: str, overrides: list[str], steps: int) -> list[dict]:
     """tokens/s of the recipe under each layout, from the second half of a 2 x steps run."""
-    import os
     import subprocess
     import sys
     out = []
@@ -195,6 +200,46 @@ def loader_overhead(recipe: str, overrides: list[str], steps: int) -> dict:
     return r
 
 
+def comm(max_mb: float, iters: int = 10) -> list[dict]:
+    """Collective timings over message sizes from 4 KB to max_mb, on every rank of the world."""
+    import torch.distributed as dist
+
+    from scaling import distributed
+    env = distributed.init("auto", 300)
+    n, dev = env.world_size, env.device
+    rows, size = [], 4096
+    if env.is_main:
+        print(f"{n} ranks, {dist.get_backend()} on {dev.type}\n{'op':15} {'bytes':>12} {'time_us':>10} "
+              f"{'algbw GB/s':>11} {'busbw GB/s':>11}", flush=True)
+    while size <= max_mb * 2**20:
+        numel = size // 4
+        for op in ("all_reduce", "all_gather", "reduce_scatter"):
+            x = torch.ones(numel, device=dev)
+            part = torch.empty(numel // n, device=dev)
+            run = {"all_reduce": lambda: dist.all_reduce(x),
+                   "all_gather": lambda: dist.all_gather_into_tensor(x, part),
+                   "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, x)}[op]
+            for _ in range(3):
+                run()
+            dist.barrier()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                run()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / iters
+            algbw = size / dt / 1e9
+            bus = algbw * (2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n)
+            rows.append({"op": op, "bytes": size, "time_us": dt * 1e6, "algbw_gbps": algbw, "busbw_gbps": bus})
+            if env.is_main:
+                print(f"{op:15} {size:12,} {dt * 1e6:10.1f} {algbw:11.3f} {bus:11.3f}", flush=True)
+        size *= 4
+    distributed.shutdown()
+    return rows
+
+
 def environment() -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -203,7 +248,7 @@ def environment() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="?", default="throughput", choices=["throughput", "layouts", "prepare", "loader"])
+    ap.add_argument("what", nargs="?", default="throughput", choices=["throughput", "layouts", "prepare", "loader", "comm"])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "cpu_demo.yaml"))
     ap.add_argument("--shapes", default="baby,demo", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -212,9 +257,20 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2, help="prepare: tokenizer threads")
     ap.add_argument("--compile", action="store_true", help="throughput: also time the framework with "
                     "parallel.compile=true")
+    ap.add_argument("--max-mb", type=float, default=64, help="comm: largest message in MiB")
     ap.add_argument("--out", default=None, help="JSON results (default runs/bench_<what>.json)")
     a, a.overrides = ap.parse_known_args(argv)  # the rest: --section.key=value for every case
-    if a.what == "layouts":
+    if a.what == "comm" and "WORLD_SIZE" not in os.environ:  # not under torchrun: start 2 ranks
+        import subprocess
+        import sys
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "scaling.bench", *(argv if argv is not None else sys.argv[1:])]
+        sys.exit(subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode)
+    if a.what == "comm":
+        results = comm(a.max_mb)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+    elif a.what == "layouts":
         results = layouts(a.recipe, a.overrides, a.steps)
     elif a.what == "prepare":
         results = {"speed": prepare_speed(a.workers), "memory": prepare_memory()}

@@ -290,11 +290,15 @@ def resolve(cfg: Config):
 def _resolve_parallel(cfg: Config):
     """Replace -1 degrees by numbers for the world size the launcher set, and check the layout
     against the model and the batch before any process group exists."""
-    from scaling.distributed import world_size
+    from scaling.distributed import local_world_size, world_size
     from scaling.parallel.dims import check_model, resolve_dims
 
     p, t = cfg.parallel, cfg.train
     dims = resolve_dims(p, world_size())
+    per_node = local_world_size()
+    if per_node and per_node % dims.tp:
+        raise ConfigError(f"parallel.tp: {dims.tp} does not fit the {per_node} processes per node "
+                          "(tensor-parallel groups stay inside a node)")
     check_model(dims, cfg.model.n_head, cfg.model.n_embd)
     if p.sequence_parallel and t.seq_len % dims.tp:
         raise ConfigError(f"train.seq_len: {t.seq_len} is not divisible by parallel.tp={dims.tp} "

@@ -34,6 +34,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int | None:
+    """Processes on this node, as torchrun announces it (None outside torchrun)."""
+    n = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(n) if n else None
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,28 @@
+# Network settings for multi-node runs, sourced by slurm_gpt2.sh and torchrun.sh.
+# Everything here is opt-in: NCCL's defaults are right on a healthy Infiniband cluster. Pick a
+# fabric with SCALING_FABRIC, or set any NCCL_* variable yourself (yours always wins).
+
+# Fail a hung collective with an error instead of hanging until the job's time limit.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+
+case "${SCALING_FABRIC:-default}" in
+  default) ;;                                    # leave NCCL to detect the fabric
+  ethernet)                                      # no Infiniband: TCP sockets only (nanoGPT's advice)
+    export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1} ;;
+  efa)                                           # AWS Elastic Fabric Adapter through libfabric
+    export FI_PROVIDER=${FI_PROVIDER:-efa}
+    export FI_EFA_USE_DEVICE_RDMA=${FI_EFA_USE_DEVICE_RDMA:-1}  # GPUDirect RDMA on p4d/p5
+    export NCCL_PROTO=${NCCL_PROTO:-simple} ;;   # AWS's recommendation for EFA
+  *) echo "nccl_env.sh: unknown SCALING_FABRIC=$SCALING_FABRIC (default, ethernet, efa)" >&2; return 1 ;;
+esac
+
+# Which network interface carries the traffic (e.g. eth0, ens5, ib0), for NCCL and gloo alike.
+if [ -n "${SCALING_IFNAME:-}" ]; then
+  export NCCL_SOCKET_IFNAME=$SCALING_IFNAME GLOO_SOCKET_IFNAME=$SCALING_IFNAME
+fi
+
+# NCCL's own account of what it chose (rings, transports, interfaces): the first thing to read
+# when multi-node runs are slow or hang.
+if [ "${SCALING_NCCL_DEBUG:-0}" = 1 ]; then
+  export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=${NCCL_DEBUG_SUBSYS:-INIT,NET}
+fi

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Train a recipe on Slurm: one torchrun per node (srun), c10d rendezvous on the head node.
+#
+#   sbatch [sbatch options] launch/slurm_gpt2.sh [RECIPE] [--section.key=value ...]
+#
+# The #SBATCH lines below are defaults for GPU nodes; any sbatch option given on the command line
+# overrides them (e.g. sbatch --nodes=4 --time=2-00:00:00 ...). Re-submitting the same command,
+# or a requeue, resumes the run from its newest complete checkpoint.
+#
+# Before the time limit Slurm sends SIGUSR1 to this script (--signal); it passes SIGTERM to the
+# training processes, which stop at the same step, save a checkpoint and exit with code 75; the
+# job then requeues itself and resumes. Preemption (SIGTERM from Slurm) takes the same path.
+#
+# CPU clusters (and the tests): SCALING_DEVICE=cpu, processes per node = CPUs per task /
+# SCALING_THREADS (default 1 thread per process), gloo instead of NCCL.
+#SBATCH --job-name=gpt2
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+RECIPE=${1:-recipes/gpt2_124m_fsdp.yaml}
+shift || true
+cd "${SLURM_SUBMIT_DIR:-.}"
+source launch/nccl_env.sh
+
+# The head node's address as Slurm knows it (NodeAddr), not whatever DNS makes of its name;
+# a port derived from the job id, so concurrent jobs on one node do not collide.
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_ADDR=$(scontrol show node "$HEAD_NODE" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
+
+CPUS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+if [ "${SCALING_DEVICE:-cuda}" = cpu ]; then
+  THREADS=${SCALING_THREADS:-1}
+  NPROC=$(( CPUS / THREADS > 0 ? CPUS / THREADS : 1 ))
+  DEVICE_ARGS=(--train.device=cpu)
+else
+  NPROC=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L | wc -l)}
+  THREADS=$(( CPUS / NPROC > 0 ? CPUS / NPROC : 1 ))
+  DEVICE_ARGS=()
+fi
+export OMP_NUM_THREADS=$THREADS
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3)}
+LOG_DIR=${SCALING_LOG_DIR:-logs}  # one file per node and job
+mkdir -p "$LOG_DIR"
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_JOB_NUM_NODES nodes x $NPROC processes," \
+     "head $HEAD_NODE ($HEAD_ADDR:$PORT), recipe $RECIPE"
+
+stop_requested=0
+on_signal() {  # forwarded as SIGTERM to the job steps: torchrun passes it on to every worker
+  stop_requested=1
+  echo "$(date +%T) $1: asking the training processes to save and stop"
+  scancel --signal=TERM "$SLURM_JOB_ID"
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
+srun --kill-on-bad-exit=1 --output="$LOG_DIR/%x-%j-node%t.out" \
+  "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
+    --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$PORT" --rdzv_id="$SLURM_JOB_ID" \
+    -m scaling.train "$RECIPE" "${DEVICE_ARGS[@]}" "$@" &
+SRUN=$!
+status=0
+while true; do  # a trapped signal interrupts `wait`; keep waiting for srun itself
+  wait "$SRUN" && status=0 || status=$?
+  kill -0 "$SRUN" 2> /dev/null || break
+done
+
+if [ "$stop_requested" = 1 ]; then
+  echo "$(date +%T) stopped after saving (srun exit $status); requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"

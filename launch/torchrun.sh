@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Launch scaling.train with torchrun on this node, or on several nodes started by hand.
+#
+# One node (all its GPUs, or one process on a CPU-only machine):
+#   launch/torchrun.sh recipes/gpt2_124m_fsdp.yaml [--section.key=value ...]
+# Two nodes by hand, as in nanoGPT's example (run on each node, NODE_RANK 0 on the master):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/torchrun.sh RECIPE
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/torchrun.sh RECIPE
+# Benchmark the interconnect first: the same variables with `-m scaling.bench comm` via
+#   SCALING_MODULE=scaling.bench launch/torchrun.sh comm
+# NPROC overrides the processes per node; SCALING_FABRIC / SCALING_IFNAME: see nccl_env.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/nccl_env.sh
+
+if [ -z "${NPROC:-}" ]; then
+  if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+    NPROC=$(nvidia-smi -L | wc -l)
+  else
+    NPROC=1
+  fi
+fi
+# Threads per process: the node's cores shared out (torchrun would otherwise set 1).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+NNODES=${NNODES:-1}
+if [ "$NNODES" = 1 ]; then
+  RDZV=(--standalone)
+else
+  RDZV=(--node_rank="${NODE_RANK:?set NODE_RANK}" --master_addr="${MASTER_ADDR:?set MASTER_ADDR}"
+        --master_port="${MASTER_PORT:-29500}")
+fi
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" "${RDZV[@]}" \
+  -m "${SCALING_MODULE:-scaling.train}" "$@"

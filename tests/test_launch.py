@@ -1,0 +1,97 @@
+"""Launchers on real infrastructure: a two-node Slurm cluster started by the test, and two
+torchrun "nodes" on loopback. Plus the interconnect benchmark and the layout/allocation check."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, read_metrics, run_module, run_torchrun, tiny_args, train_losses
+from slurm_cluster import Cluster, install
+
+COMMON = ["--train.global_batch_size=8", "--train.micro_batch_size=4", "--parallel.timeout_s=60"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = install()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def sbatch(cluster, run_dir, data_root, *overrides):
+    """`sbatch launch/slurm_gpt2.sh` with a tiny CPU recipe over both nodes; returns the job id."""
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10",
+           f"--output={run_dir}/slurm-%j.out", "launch/slurm_gpt2.sh",
+           *map(str, tiny_args(data_root, run_dir, *COMMON, *overrides))]
+    p = cluster.run(cmd, cwd=ROOT, env={"SCALING_DEVICE": "cpu", "SCALING_LOG_DIR": str(run_dir / "logs")})
+    return int(p.stdout.strip().split(";")[0])
+
+
+def test_sbatch_trains_over_two_nodes(slurm, data_root, tmp_path):
+    job = sbatch(slurm, tmp_path, data_root)
+    j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert j["JobState"] == "COMPLETED", out + slurm.logs()
+    assert "2 nodes x 1 processes" in out
+    assert "dp_shard: 2" in (tmp_path / "config.yaml").read_text()  # world size 2: one rank per node
+    assert {f.name for f in (tmp_path / "logs").iterdir()} == {f"gpt2-{job}-node0.out", f"gpt2-{job}-node1.out"}
+    assert all(math.isfinite(x) for x in train_losses(tmp_path))
+
+
+def test_signalled_job_saves_requeues_and_resumes(slurm, data_root, tmp_path):
+    job = sbatch(slurm, tmp_path, data_root, "--train.max_steps=600", "--logging.every=5",
+                 "--train.eval_every=0", "--checkpoint.every=1000")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 10):
+        assert time.time() < deadline, slurm.job(job)
+        time.sleep(0.2)
+    # What Slurm's --signal=B:USR1@300 does before the time limit: USR1 to the batch script.
+    slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert j["JobState"] == "COMPLETED" and int(j["Restarts"]) == 1, out
+    assert "requeueing job" in out and "restart 1" in out
+    logs = "".join(f.read_text() for f in (tmp_path / "logs").iterdir())
+    assert "saved step" in logs and "resumed from" in logs, logs
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps[-1] == 600 and 10 <= int(logs.split("resumed from")[1].split("at step ")[1].split()[0]) < 600
+
+
+def test_two_torchrun_nodes_on_loopback_match_one_node(data_root, tmp_path):
+    """launch/torchrun.sh twice (node ranks 0 and 1, one process each), as on two machines."""
+    args = [str(a) for a in tiny_args(data_root, tmp_path / "two", *COMMON)]
+    env = dict(os.environ, NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000),
+               NPROC="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    nodes = [subprocess.Popen(["bash", "launch/torchrun.sh", *args], cwd=ROOT, env={**env, "NODE_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs
+    run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path / "one", *COMMON))
+    assert "dp_shard: 2" in (tmp_path / "two" / "config.yaml").read_text()
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-6)
+
+
+def test_tp_larger_than_the_processes_per_node_fails_fast_naming_both(data_root, tmp_path):
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, "--parallel.tp=2", "--parallel.dp_shard=1"),
+                   env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"})
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert "parallel.tp: 2 does not fit the 1 processes per node" in p.stderr
+
+
+def test_interconnect_benchmark_reports_bus_bandwidth(tmp_path):
+    p = run_torchrun(2, "scaling.bench", "comm", "--max-mb", "4", "--out", tmp_path / "comm.json")
+    rows = json.loads((tmp_path / "comm.json").read_text())["comm"]
+    ops = {r["op"] for r in rows}
+    assert ops == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert all(r["busbw_gbps"] > 0 and r["time_us"] > 0 for r in rows)
+    assert "busbw" in p.stdout
