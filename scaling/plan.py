@@ -16,8 +16,8 @@ V vocabulary, t tensor-parallel degree, d the FSDP shard degree:
   without; a fully checkpointed layer keeps only its input (2*s*b*h) and one layer is live while
   recomputed; backward adds one MLP's hidden gradients (16*s*b*h); plus the logits, b*s*V*(2 + 8) bytes (bf16 logits, fp32 log-softmax and its
   gradient), / t with loss parallelism;
-- runtime: the CUDA context and allocator slack (1.5 GB), or on CPU this process's own
-  footprint with torch loaded.
+- runtime: the CUDA context and allocator slack (1.5 GB), or on CPU the footprint of a fresh
+  Python process with the training code loaded (measured when planning).
 
 --measure builds the model on the meta device under the recipe's real parallel plan, once per
 rank over torch's fake process group, and reports the parameter elements each rank actually
@@ -25,6 +25,7 @@ holds, so the sharding term is checked against real sharding rather than trusted
 """
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -99,9 +100,13 @@ def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def process_rss() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """RSS of a fresh Python process that has loaded the training code (and with it torch)."""
+    import subprocess
+    code = ("import scaling.train, os; f = open('/proc/self/statm'); "
+            "print(int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def largest_micro_batch(cfg, sh, device, capacity) -> int:
