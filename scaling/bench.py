@@ -104,7 +104,7 @@ LAYOUTS = {  # name: (processes, overrides)
     "ddp2": (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
     "fsdp2": (2, ["--parallel.dp_shard=2"]),
     "tp2_sp": (2, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
-    "hsdp2x2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    "hsdp2x2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--train.micro_batch_size=8"]),
     "fsdp2_tp2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
 }
 
@@ -131,9 +131,18 @@ def layouts(recipe: str, overrides: list[str], steps: int) -> list[dict]:
     return out
 
 
+def offline_bpe():
+    """Without a network, use the GPT-2 BPE files kept beside the checkout (../shared/data)."""
+    shared = ROOT.parent / "shared" / "data" / "gpt2_bpe"
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared.is_dir():
+        from scaling.tokenizer import fill_gpt2_cache
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(fill_gpt2_cache(shared, ROOT / "runs" / "tiktoken_cache"))
+
+
 def prepare_speed(workers: int) -> dict:
     """Tokens/s of GPT-2 BPE over the embedded corpus: a plain loop vs the pipeline."""
     import tiktoken
+    offline_bpe()
 
     from scaling.prepare import stdlib_files, write_dataset
     from scaling.tokenizer import GPT2Tokenizer
@@ -171,6 +180,7 @@ def prepare_memory() -> list[dict]:
     """Peak RSS of the pipeline, each size in its own process, with 1M-token shards."""
     import subprocess
     import sys
+    offline_bpe()
     out = []
     for repeat in (1, 10):
         p = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(repeat)], capture_output=True, text=True,
@@ -217,8 +227,8 @@ def comm(max_mb: float, iters: int = 10) -> list[dict]:
             x = torch.ones(numel, device=dev)
             part = torch.empty(numel // n, device=dev)
             run = {"all_reduce": lambda: dist.all_reduce(x),
-                   "all_gather": lambda: dist.all_gather_into_tensor(x, part),
-                   "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, x)}[op]
+                   "all_gather": lambda: dist.all_gather_single(x, part),
+                   "reduce_scatter": lambda: dist.reduce_scatter_single(part, x)}[op]
             for _ in range(3):
                 run()
             dist.barrier()

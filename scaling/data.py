@@ -48,8 +48,8 @@ class TokenWriter:
         self.f.write(b"\0" * HEADER_BYTES)
 
     def write(self, ids):
-        a = np.asarray(ids, dtype=self.dtype)
-        self.f.write(a.tobytes())
+        a = np.ascontiguousarray(ids, dtype=self.dtype)
+        self.f.write(memoryview(a).cast("B"))  # no extra copy of the bytes
         self.count += a.size
 
     def close(self) -> int:

@@ -99,3 +99,34 @@ def format_line(r: dict) -> str:
 
 def _num(v, fmt):
     return "nan" if v is None else format(v, fmt)
+
+
+class Profiler:
+    """A torch.profiler trace of the steps in logging.profile_steps ('a-b'), one file per rank."""
+
+    def __init__(self, steps: str | None, run_dir: Path, rank: int):
+        self.prof, self.first, self.last = None, None, None
+        if steps:
+            a, _, b = steps.partition("-")
+            self.first, self.last = int(a), int(b or a)
+        self.out = run_dir / "profile" / f"rank{rank}.json"
+
+    def step(self, step: int):
+        if self.first is None:
+            return
+        if step + 1 == self.first:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts, record_shapes=True, profile_memory=True)
+            self.prof.__enter__()
+        elif step == self.last:
+            self.close()
+
+    def close(self):
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.out))
+            print(f"profile of steps {self.first}-{self.last} written to {self.out}", flush=True)
+            self.prof = None

@@ -1,12 +1,12 @@
 """Train a GPT-2: python -m scaling.train RECIPE [--section.key=value ...]
 
-The order of things, top to bottom: config -> device -> data -> model -> optimizer ->
-loop (accumulate micro batches, clip, step, log, evaluate, checkpoint) -> final checkpoint
-and sample.
+train() in order: process group and device -> dataset (the embedded one is prepared on first
+use) -> checkpoint to resume from -> mesh -> loader -> model (meta, parallelized, materialised,
+initialised) -> optimizer -> resume or init_from -> loop (accumulate micro batches, clip, check
+for NaN, step, log, evaluate, checkpoint, stop on a signal) -> wait for the last save -> sample.
 """
 
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from scaling import checkpoint, distributed
 from scaling.config import Config, ConfigError, die, main_with_config, save_config, to_dict
 from scaling.data import DataError, DataLoader, TokenWindows, load_meta
-from scaling.metrics import Metrics, memory, peak_flops
+from scaling.metrics import Metrics, Profiler, memory, peak_flops
 from scaling.model import GPT, GPTConfig, gpt_config
 from scaling.optim import build_optimizer, lr_at
 from scaling.parallel import ParallelDims, build_mesh, dp_rank, parallelize
@@ -135,37 +135,6 @@ class Preempted(Exception):
 
 class NonFinite(Exception):
     pass
-
-
-class Profiler:
-    """A torch.profiler trace of the steps in logging.profile_steps ('a-b'), one file per rank."""
-
-    def __init__(self, steps: str | None, run_dir: Path, rank: int):
-        self.prof, self.first, self.last = None, None, None
-        if steps:
-            a, _, b = steps.partition("-")
-            self.first, self.last = int(a), int(b or a)
-        self.out = run_dir / "profile" / f"rank{rank}.json"
-
-    def step(self, step: int):
-        if self.first is None:
-            return
-        if step + 1 == self.first:
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=acts, record_shapes=True, profile_memory=True)
-            self.prof.__enter__()
-        elif step == self.last:
-            self.close()
-
-    def close(self):
-        if self.prof is not None:
-            self.prof.__exit__(None, None, None)
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.prof.export_chrome_trace(str(self.out))
-            print(f"profile of steps {self.first}-{self.last} written to {self.out}", flush=True)
-            self.prof = None
 
 
 def train_state(model, optimizer, loader, step: int, tokens: int) -> dict:

@@ -121,3 +121,13 @@ def test_resumed_loader_continues_the_global_order_exactly(before, after, tmp_pa
         ld.load_state_dict(state)
     rest = global_order(resumed, 2 * epoch_steps)
     assert all(np.array_equal(a, b) for a, b in zip(rest, whole[5:]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--data.tokenizer=gpt2", "data.tokenizer: recipe expects 'gpt2' but dataset 'shakes' was prepared with 'byte'"),
+    ("--model.vocab_size=100", "model.vocab_size: 100 is smaller than the dataset's vocabulary (byte, 257 tokens)"),
+])
+def test_tokenizer_or_vocab_disagreeing_with_the_dataset_is_a_one_line_error(override, message, data_root, tmp_path):
+    from conftest import run_module, tiny_args
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, override))
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {message}", p.stderr
