@@ -111,6 +111,8 @@ class LoggingConfig:
     wandb_project: str = opt("scaling", "wandb project")
     wandb_mode: str = opt("online", "online, or offline (no network, no account; wandb sync later)",
                           ["online", "offline"])
+    oom_snapshot: bool = opt(False, "CUDA: record allocations and, on out-of-memory, write the history to "
+                             "<run_dir>/oom_snapshot_rank<r>.pickle (view at pytorch.org/memory_viz)")
     profile_steps: str | None = opt(None, "record a torch.profiler trace of these steps, e.g. '10-12', "
                                     "into <run_dir>/profile/")
     sample_tokens: int = opt(0, "tokens to sample and print at the end of training; 0 disables")

@@ -29,6 +29,10 @@ class Env:
         return self.rank == 0
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def world_size() -> int:
     """The world size the launcher announced, known before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))

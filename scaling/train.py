@@ -164,6 +164,8 @@ def train(cfg: Config) -> dict:
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
     if p.compile is None:
         p.compile = device.type == "cuda"  # on CPU compile costs a minute and runs slower
+    if device.type == "cuda" and cfg.logging.oom_snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
     if env.is_main:
         data_dir = dataset_dir(cfg)  # may prepare the embedded corpus: one rank does it
     distributed.barrier()
@@ -321,6 +323,13 @@ def main(argv=None):
         sys.exit(distributed.EXIT_PREEMPTED)
     except NonFinite as e:
         die(str(e), code=3)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available() and cfg.logging.oom_snapshot:
+            path = Path(cfg.logging.run_dir) / f"oom_snapshot_rank{distributed.rank()}.pickle"
+            torch.cuda.memory._dump_snapshot(str(path))
+            print(f"out of memory: allocation history in {path} (open it at pytorch.org/memory_viz)",
+                  file=sys.stderr)
+        raise
     finally:
         distributed.shutdown()
 
