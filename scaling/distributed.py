@@ -104,10 +104,13 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def agreed(self, device) -> bool:
-        """True on every rank once any rank got a signal: all stop at the same step."""
+    def agreed(self, device, step: int, every: int = 10) -> bool:
+        """True on every rank once any rank got a signal: all stop at the same step. Ranks compare
+        notes every `every` steps (a collective and a host sync), not on every step."""
         if not dist.is_initialized():
             return self.received is not None
+        if step % every:
+            return False
         flag = torch.tensor([self.received is not None], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -277,7 +277,7 @@ def train(cfg: Config) -> dict:
             last["val_loss"] = val_loss
             t_log += time.perf_counter() - t_eval  # keep evaluation out of the throughput figure
         every = cfg.checkpoint.every
-        stopping = stop.agreed(device)
+        stopping = stop.agreed(device, done)
         t_save = time.perf_counter()
         if (every and done % every == 0) or done == t.max_steps or stopping:
             ckpt.save(done, train_state(model, optimizer, train_loader, done, tokens))

@@ -55,7 +55,11 @@ def run(cmd, timeout=300):
 def descendants(pid):
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        for c in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+        for c in children:
             out += [int(c), *descendants(int(c))]
     return out
 
