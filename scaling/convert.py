@@ -21,57 +21,47 @@ import torch
 
 from scaling.model import GPTConfig
 
-# our name -> Hugging Face name, per block; weights of these are transposed (Conv1D vs Linear).
-BLOCK_LINEARS = {"attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
-BLOCK_NORMS = {"ln_1": "ln_1", "ln_2": "ln_2"}
+def _pairs(n_layer: int):
+    """(our name, Hugging Face name, transposed?) for every tensor except q, k and v, which
+    Hugging Face keeps fused in c_attn."""
+    yield "wte.weight", "transformer.wte.weight", False
+    yield "wpe.weight", "transformer.wpe.weight", False
+    for i in range(n_layer):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for a, b in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            yield f"{ours}{a}.weight", f"{theirs}{b}.weight", True  # Conv1D stores (in, out)
+            yield f"{ours}{a}.bias", f"{theirs}{b}.bias", False
+        for ln in ("ln_1", "ln_2"):
+            for p in ("weight", "bias"):
+                yield f"{ours}{ln}.{p}", f"{theirs}{ln}.{p}", False
+    for p in ("weight", "bias"):
+        yield f"ln_f.{p}", f"transformer.ln_f.{p}", False
 
 
 def hf_to_ours(hf: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """A GPT2LMHeadModel / GPT2Model state dict -> our GPT state dict."""
-    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
-    out = {"wte.weight": hf["wte.weight"], "wpe.weight": hf["wpe.weight"]}
-    for suffix in ("weight", "bias"):
-        if f"ln_f.{suffix}" in hf:
-            out[f"ln_f.{suffix}"] = hf[f"ln_f.{suffix}"]
+    """A GPT2LMHeadModel (or GPT2Model, without the transformer. prefix) state dict -> ours."""
+    hf = {k if k.startswith("transformer.") or k == "lm_head.weight" else "transformer." + k: v
+          for k, v in hf.items()}
+    out = {ours: hf[theirs].t() if t else hf[theirs] for ours, theirs, t in _pairs(n_layer) if theirs in hf}
     for i in range(n_layer):
-        src, dst = f"h.{i}.", f"blocks.{i}."
-        q, k, v = hf[src + "attn.c_attn.weight"].t().chunk(3, dim=0)
-        out.update({dst + "attn.q.weight": q, dst + "attn.k.weight": k, dst + "attn.v.weight": v})
-        if src + "attn.c_attn.bias" in hf:
-            qb, kb, vb = hf[src + "attn.c_attn.bias"].chunk(3)
-            out.update({dst + "attn.q.bias": qb, dst + "attn.k.bias": kb, dst + "attn.v.bias": vb})
-        for ours, theirs in BLOCK_LINEARS.items():
-            out[dst + ours + ".weight"] = hf[src + theirs + ".weight"].t()
-            if src + theirs + ".bias" in hf:
-                out[dst + ours + ".bias"] = hf[src + theirs + ".bias"]
-        for ours, theirs in BLOCK_NORMS.items():
-            for suffix in ("weight", "bias"):
-                if f"{src}{theirs}.{suffix}" in hf:
-                    out[f"{dst}{ours}.{suffix}"] = hf[f"{src}{theirs}.{suffix}"]
+        fused, ours = f"transformer.h.{i}.attn.c_attn.", f"blocks.{i}.attn."
+        for n, w in zip("qkv", hf[fused + "weight"].t().chunk(3, dim=0)):
+            out[f"{ours}{n}.weight"] = w
+        if fused + "bias" in hf:
+            for n, b in zip("qkv", hf[fused + "bias"].chunk(3)):
+                out[f"{ours}{n}.bias"] = b
     out["lm_head.weight"] = out["wte.weight"]  # tied
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def ours_to_hf(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """Our GPT state dict -> a GPT2LMHeadModel state dict (keys under transformer.)."""
-    out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"]}
-    for suffix in ("weight", "bias"):
-        if f"ln_f.{suffix}" in sd:
-            out[f"transformer.ln_f.{suffix}"] = sd[f"ln_f.{suffix}"]
+    """Our GPT state dict -> a GPT2LMHeadModel state dict."""
+    out = {theirs: sd[ours].t() if t else sd[ours] for ours, theirs, t in _pairs(n_layer) if ours in sd}
     for i in range(n_layer):
-        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
-        out[dst + "attn.c_attn.weight"] = torch.cat(
-            [sd[src + f"attn.{n}.weight"] for n in "qkv"], dim=0).t()
-        if src + "attn.q.bias" in sd:
-            out[dst + "attn.c_attn.bias"] = torch.cat([sd[src + f"attn.{n}.bias"] for n in "qkv"])
-        for ours, theirs in BLOCK_LINEARS.items():
-            out[dst + theirs + ".weight"] = sd[src + ours + ".weight"].t()
-            if src + ours + ".bias" in sd:
-                out[dst + theirs + ".bias"] = sd[src + ours + ".bias"]
-        for ours, theirs in BLOCK_NORMS.items():
-            for suffix in ("weight", "bias"):
-                if f"{src}{ours}.{suffix}" in sd:
-                    out[f"{dst}{theirs}.{suffix}"] = sd[f"{src}{ours}.{suffix}"]
+        fused, ours = f"transformer.h.{i}.attn.c_attn.", f"blocks.{i}.attn."
+        out[fused + "weight"] = torch.cat([sd[f"{ours}{n}.weight"] for n in "qkv"], dim=0).t()
+        if f"{ours}q.bias" in sd:
+            out[fused + "bias"] = torch.cat([sd[f"{ours}{n}.bias"] for n in "qkv"])
     out["lm_head.weight"] = sd["wte.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
