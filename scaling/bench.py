@@ -139,27 +139,38 @@ def offline_bpe():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(fill_gpt2_cache(shared, ROOT / "runs" / "tiktoken_cache"))
 
 
-def prepare_speed(workers: int) -> dict:
-    """Tokens/s of GPT-2 BPE over the embedded corpus: a plain loop vs the pipeline."""
+def prepare_speed(workers: int, rounds: int, repeat: int) -> dict:
+    """Tokens/s of GPT-2 BPE over the embedded corpus `repeat` times: a plain loop vs the
+    pipeline at 1 and `workers` workers, alternating in each round (so all see the same machine
+    state); the median round of each. Once through, the corpus takes 0.6 s here, and starting and
+    stopping the worker pool (~25 ms) is then a visible share; a real corpus takes hours."""
     import tiktoken
     offline_bpe()
 
     from scaling.prepare import stdlib_files, write_dataset
     from scaling.tokenizer import GPT2Tokenizer
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()] * repeat
+    docs = [("val" if i % 20 == 0 else "train", t) for i, t in enumerate(texts)]
     enc = tiktoken.get_encoding("gpt2")
-    t0 = time.perf_counter()
-    n = sum(len(enc.encode_ordinary(t)) for t in texts)
-    plain = n / (time.perf_counter() - t0)
-    res = {"corpus_tokens": n, "plain_loop_tok_s": plain}
-    for w in sorted({1, workers}):
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            docs = [("val" if i % 20 == 0 else "train", t) for i, t in enumerate(texts)]
-            write_dataset(d, GPT2Tokenizer(), docs, source="bench", workers=w)
-            res[f"pipeline_{w}_workers_tok_s"] = n / (time.perf_counter() - t0)
-    for k, v in res.items():
-        print(f"{k:28} {v:14,.0f}", flush=True)
+    n = sum(len(enc.encode_ordinary(t)) for t in texts)  # also loads the BPE before any timing
+    times = {}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for t in texts:
+            enc.encode_ordinary(t)
+        times.setdefault("plain_loop", []).append(time.perf_counter() - t0)
+        for w in sorted({1, workers}):
+            with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
+                write_dataset(d, GPT2Tokenizer(), docs, source="bench", workers=w)
+                times.setdefault(f"pipeline_{w}_workers", []).append(time.perf_counter() - t0)
+    plain = n / statistics.median(times["plain_loop"])
+    res = {"corpus_tokens": n, "corpus_repeat": repeat, "rounds": rounds}
+    for k, v in times.items():
+        res[f"{k}_tok_s"] = n / statistics.median(v)
+        res[f"{k}_speedup_per_round"] = [round(n / x / plain, 3) for x in v]
+        print(f"{k:20} {n / statistics.median(v):14,.0f} tok/s  {n / statistics.median(v) / plain:5.2f}x  "
+              f"(rounds: {' '.join(f'{n / x / plain:.2f}' for x in v)})", flush=True)
     return res
 
 
@@ -172,12 +183,14 @@ docs = ((("val" if i % 20 == 0 else "train"), p.read_text(encoding="utf-8", erro
         for r in range(repeat) for i, p in enumerate(files))
 with tempfile.TemporaryDirectory() as d:
     meta = write_dataset(d, GPT2Tokenizer(), docs, source="bench", shard_tokens=1_000_000)
-print(sum(s["tokens"] for s in meta["splits"].values()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(sum(s["tokens"] for s in meta["splits"].values()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
 def prepare_memory() -> list[dict]:
-    """Peak RSS of the pipeline, each size in its own process, with 1M-token shards."""
+    """Peak RSS of the pipeline (main process, and the largest worker), each size in its own
+    process, with 1M-token shards."""
     import subprocess
     import sys
     offline_bpe()
@@ -185,9 +198,10 @@ def prepare_memory() -> list[dict]:
     for repeat in (1, 10):
         p = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(repeat)], capture_output=True, text=True,
                            check=True, cwd=ROOT)
-        tokens, rss_kb = map(int, p.stdout.split())
-        out.append({"corpus_tokens": tokens, "peak_rss_mb": rss_kb / 1024})
-        print(f"corpus {tokens:13,} tokens: peak RSS {rss_kb / 1024:7.1f} MB", flush=True)
+        tokens, rss_kb, worker_kb = map(int, p.stdout.split())
+        out.append({"corpus_tokens": tokens, "peak_rss_mb": rss_kb / 1024, "worker_peak_rss_mb": worker_kb / 1024})
+        print(f"corpus {tokens:13,} tokens: peak RSS {rss_kb / 1024:7.1f} MB, largest worker "
+              f"{worker_kb / 1024:7.1f} MB", flush=True)
     return out
 
 
@@ -263,8 +277,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default="baby,demo", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2, help="prepare: tokenizer threads")
+    ap.add_argument("--rounds", type=int, default=3, help="throughput, prepare: rounds (median reported)")
+    ap.add_argument("--workers", type=int, default=2, help="prepare: tokenizer processes")
+    ap.add_argument("--repeat", type=int, default=4, help="prepare: times through the corpus per timing")
     ap.add_argument("--compile", action="store_true", help="throughput: also time the framework with "
                     "parallel.compile=true")
     ap.add_argument("--max-mb", type=float, default=64, help="comm: largest message in MiB")
@@ -283,7 +298,7 @@ def main(argv=None):
     elif a.what == "layouts":
         results = layouts(a.recipe, a.overrides, a.steps)
     elif a.what == "prepare":
-        results = {"speed": prepare_speed(a.workers), "memory": prepare_memory()}
+        results = {"speed": prepare_speed(a.workers, a.rounds, a.repeat), "memory": prepare_memory()}
     elif a.what == "loader":
         results = loader_overhead(a.recipe, a.overrides, a.steps)
     else:

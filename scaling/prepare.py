@@ -12,8 +12,8 @@ machine that runs this code, so the demo needs no download.
 """
 
 import argparse
+import collections
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -85,12 +85,13 @@ def is_val(key: str, val_percent: int = 5) -> bool:
 
 
 def write_dataset(out_dir: str | Path, tokenizer, docs, source: str, workers: int | None = None,
-                  batch_docs: int = 1024, eot: bool = True, shard_tokens: int = SHARD_TOKENS,
+                  batch_chars: int = 1 << 20, eot: bool = True, shard_tokens: int = SHARD_TOKENS,
                   total_docs: int | None = None, **extra) -> dict:
     """Tokenize (split, text) pairs into token files under out_dir; returns meta.json's content.
 
-    Documents go to the encoder batch_docs at a time; while one batch is encoded on `workers`
-    processes, the previous one is written. Memory holds two batches, never the corpus.
+    Documents go to the encoder in batches of about batch_chars characters; up to two batches
+    per worker are in flight while the oldest finished one is written, in input order. Memory
+    holds those batches, never the corpus.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,15 +107,14 @@ def write_dataset(out_dir: str | Path, tokenizer, docs, source: str, workers: in
         bar.update(len(splits))
         bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
 
+    in_flight = collections.deque()
     with Encoder(tokenizer, workers or os.cpu_count() or 1, eot) as encoder:
-        pending = None
-        for batch in itertools.batched(docs, batch_docs) if hasattr(itertools, "batched") else _batched(docs, batch_docs):
-            job = encoder.submit([text for _, text in batch])
-            if pending:
-                write(*pending)
-            pending = ([split for split, _ in batch], job)
-        if pending:
-            write(*pending)
+        for batch in batches(docs, batch_chars):
+            in_flight.append(([split for split, _ in batch], encoder.submit([text for _, text in batch])))
+            if len(in_flight) > encoder.depth:
+                write(*in_flight.popleft())
+        while in_flight:
+            write(*in_flight.popleft())
     bar.close()
     splits = {s: w.close() for s, w in writers.items()}
     for needed in ("train", "val"):
@@ -123,28 +123,38 @@ def write_dataset(out_dir: str | Path, tokenizer, docs, source: str, workers: in
     return write_meta(out_dir, tokenizer, splits, source, **extra)
 
 
-def _batched(items, n):
-    it = iter(items)
-    while batch := list(itertools.islice(it, n)):
+def batches(docs, max_chars: int):
+    """Lists of (split, text) of at most max_chars characters (or one longer document). Sized by
+    characters, not documents, so that work units stay even when document sizes are not."""
+    batch, chars = [], 0
+    for doc in docs:
+        if batch and chars + len(doc[1]) > max_chars:
+            yield batch
+            batch, chars = [], 0
+        batch.append(doc)
+        chars += len(doc[1])
+    if batch:
         yield batch
 
 
 class Encoder:
     """Token arrays, ready to write (file dtype, end-of-text appended), for batches of texts.
-    GPT-2 BPE runs on a pool of worker processes: on this project's 2-core machine tiktoken's
-    own threads reached 1.6x a single thread, processes 1.8x. The byte and char tokenizers are
-    cheap enough for the calling process."""
+    GPT-2 BPE runs on a pool of worker processes, one batch per task: on this project's 2-core
+    machine tiktoken's own threads reached 1.6x a single thread, processes 1.8x. The byte and
+    char tokenizers are cheap enough for the calling process."""
 
     def __init__(self, tokenizer, workers: int, eot: bool):
         self.tokenizer, self.eot, self.pool = tokenizer, eot, None
+        self.depth = 0  # batches that may wait unwritten
         if tokenizer.name == "gpt2" and workers > 1:
             # fork starts a worker in milliseconds (spawn re-imports everything: ~1 s each).
             ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self.pool = multiprocessing.get_context(ctx).Pool(workers, initializer=_start_worker, initargs=(eot,))
+            self.depth = 2 * workers  # keeps every worker busy while the main process writes
 
     def submit(self, texts: list[str]):
         if self.pool is not None:
-            return self.pool.map_async(_encode, texts, chunksize=max(1, len(texts) // 32))
+            return self.pool.apply_async(_encode_batch, (texts,))
         return _Done([encode_for_file(self.tokenizer, t, self.eot) for t in texts])
 
     def __enter__(self):
@@ -178,8 +188,8 @@ def _start_worker(eot: bool):
     _worker = (GPT2Tokenizer(), eot)
 
 
-def _encode(text: str):
-    return encode_for_file(_worker[0], text, _worker[1])
+def _encode_batch(texts: list[str]):
+    return [encode_for_file(_worker[0], t, _worker[1]) for t in texts]
 
 
 def progress(total, desc):

@@ -70,6 +70,23 @@ def test_openwebtext_from_a_local_jsonl_holds_every_document_once_with_eot(tmp_p
     assert ids.count(50256) == 2 and ids[-1] == 50256
 
 
+def test_files_do_not_depend_on_workers_or_batch_size(tmp_path):
+    # Small batches keep many in flight on 3 processes: results must still be written in input order.
+    from scaling.prepare import write_dataset
+    from scaling.tokenizer import GPT2Tokenizer
+    docs = [("val" if i % 7 == 0 else "train", t) for i, t in enumerate(documents(300))]
+    for name, workers, batch_chars in (("one", 1, 1 << 20), ("many", 3, 2_000)):
+        write_dataset(tmp_path / name, GPT2Tokenizer(), docs, source="test", workers=workers,
+                      batch_chars=batch_chars, shard_tokens=5_000)
+    one, many = load_meta(tmp_path / "one"), load_meta(tmp_path / "many")
+    assert one["splits"] == many["splits"] and len(one["splits"]["train"]["files"]) > 2
+    for split, texts in (("train", [t for s, t in docs if s == "train"]), ("val", [t for s, t in docs if s == "val"])):
+        enc = tiktoken.get_encoding("gpt2")
+        assert tokens(tmp_path / "many", split) == [t for x in texts for t in enc.encode_ordinary(x) + [50256]]
+        for f in one["splits"][split]["files"]:
+            assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "many" / f).read_bytes()
+
+
 def test_fineweb_edu_from_a_local_parquet_splits_into_shards(tmp_path):
     docs = documents(1000)
     datasets.Dataset.from_dict({"text": docs}).to_parquet(tmp_path / "fw.parquet")
