@@ -7,7 +7,7 @@ throughput: the framework's training loop (scaling.train, everything on: schedul
 layouts: the demo recipe under each parallel layout (real torchrun processes), tokens/s.
 prepare: GPT-2 tokenization of the embedded corpus (Python stdlib source) by the preparation
   pipeline at 1 and N workers against a plain encode_ordinary loop, and the pipeline's peak
-  memory for a corpus and for the same corpus 10 times over.
+  memory for 10M tokens and for 1B (10x the default shard size), about 2 minutes.
 loader: the data loader's time per optimizer step against the demo model's training step.
 comm: interconnect, as nccl-tests reports it: all_reduce, all_gather and reduce_scatter over
   message sizes, time, algorithm bandwidth (bytes / time) and bus bandwidth (algbw x 2(n-1)/n for
@@ -178,30 +178,32 @@ PEAK_PROBE = """
 import resource, sys, tempfile
 from scaling.prepare import stdlib_files, write_dataset
 from scaling.tokenizer import GPT2Tokenizer
-files, repeat = stdlib_files(), int(sys.argv[1])
+files, repeat, shard_tokens = stdlib_files(), int(sys.argv[1]), int(sys.argv[2])
 docs = ((("val" if i % 20 == 0 else "train"), p.read_text(encoding="utf-8", errors="replace"))
         for r in range(repeat) for i, p in enumerate(files))
 with tempfile.TemporaryDirectory() as d:
-    meta = write_dataset(d, GPT2Tokenizer(), docs, source="bench", shard_tokens=1_000_000)
-print(sum(s["tokens"] for s in meta["splits"].values()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    meta = write_dataset(d, GPT2Tokenizer(), docs, source="bench", shard_tokens=shard_tokens)
+print(sum(s["tokens"] for s in meta["splits"].values()), sum(len(s["files"]) for s in meta["splits"].values()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
-def prepare_memory() -> list[dict]:
-    """Peak RSS of the pipeline (main process, and the largest worker), each size in its own
-    process, with 1M-token shards."""
+def prepare_memory(repeats: list[int], shard_tokens: int) -> list[dict]:
+    """Peak RSS of the pipeline (main process, and the largest worker) preparing the corpus
+    `repeat` times over into shards of shard_tokens, each size in its own process."""
     import subprocess
     import sys
     offline_bpe()
     out = []
-    for repeat in (1, 10):
-        p = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(repeat)], capture_output=True, text=True,
-                           check=True, cwd=ROOT)
-        tokens, rss_kb, worker_kb = map(int, p.stdout.split())
-        out.append({"corpus_tokens": tokens, "peak_rss_mb": rss_kb / 1024, "worker_peak_rss_mb": worker_kb / 1024})
-        print(f"corpus {tokens:13,} tokens: peak RSS {rss_kb / 1024:7.1f} MB, largest worker "
-              f"{worker_kb / 1024:7.1f} MB", flush=True)
+    for repeat in repeats:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(repeat), str(shard_tokens)], capture_output=True,
+                           text=True, check=True, cwd=ROOT)
+        tokens, files, rss_kb, worker_kb = map(int, p.stdout.split())
+        out.append({"corpus_tokens": tokens, "shard_tokens": shard_tokens, "files": files, "peak_rss_mb": rss_kb / 1024,
+                    "worker_peak_rss_mb": worker_kb / 1024, "seconds": time.perf_counter() - t0})
+        print(f"corpus {tokens:13,} tokens in {files} files: peak RSS {rss_kb / 1024:7.1f} MB, largest worker "
+              f"{worker_kb / 1024:7.1f} MB ({out[-1]['seconds']:.0f} s)", flush=True)
     return out
 
 
@@ -280,6 +282,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="throughput, prepare: rounds (median reported)")
     ap.add_argument("--workers", type=int, default=2, help="prepare: tokenizer processes")
     ap.add_argument("--repeat", type=int, default=4, help="prepare: times through the corpus per timing")
+    # 200 times over is 1.03B GPT-2 tokens: 10x the default 100M-token shard.
+    ap.add_argument("--memory-repeats", default="2,200", help="prepare: corpus sizes (times over) for peak memory")
+    ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="prepare: shard size for the memory runs")
     ap.add_argument("--compile", action="store_true", help="throughput: also time the framework with "
                     "parallel.compile=true")
     ap.add_argument("--max-mb", type=float, default=64, help="comm: largest message in MiB")
@@ -298,7 +303,9 @@ def main(argv=None):
     elif a.what == "layouts":
         results = layouts(a.recipe, a.overrides, a.steps)
     elif a.what == "prepare":
-        results = {"speed": prepare_speed(a.workers, a.rounds, a.repeat), "memory": prepare_memory()}
+        repeats = [int(r) for r in a.memory_repeats.split(",")]
+        results = {"speed": prepare_speed(a.workers, a.rounds, a.repeat),
+                   "memory": prepare_memory(repeats, a.shard_tokens)}
     elif a.what == "loader":
         results = loader_overhead(a.recipe, a.overrides, a.steps)
     else:
