@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scaling.config import load_config
 from scaling.data import TokenWindows, load_meta
 from scaling.model import GPT
+from scaling.prepare import SHARD_TOKENS
 from scaling.distributed import pick_device
 from scaling.train import autocast, dataset_dir, model_config, train
 
@@ -183,8 +184,9 @@ docs = ((("val" if i % 20 == 0 else "train"), p.read_text(encoding="utf-8", erro
         for r in range(repeat) for i, p in enumerate(files))
 with tempfile.TemporaryDirectory() as d:
     meta = write_dataset(d, GPT2Tokenizer(), docs, source="bench", shard_tokens=shard_tokens)
-print(sum(s["tokens"] for s in meta["splits"].values()), sum(len(s["files"]) for s in meta["splits"].values()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+splits = meta["splits"].values()
+print(sum(s["tokens"] for s in splits), sum(len(s["files"]) for s in splits),
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
@@ -284,7 +286,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=4, help="prepare: times through the corpus per timing")
     # 200 times over is 1.03B GPT-2 tokens: 10x the default 100M-token shard.
     ap.add_argument("--memory-repeats", default="2,200", help="prepare: corpus sizes (times over) for peak memory")
-    ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="prepare: shard size for the memory runs")
+    ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="prepare: shard size for the memory runs")
     ap.add_argument("--compile", action="store_true", help="throughput: also time the framework with "
                     "parallel.compile=true")
     ap.add_argument("--max-mb", type=float, default=64, help="comm: largest message in MiB")
