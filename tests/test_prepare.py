@@ -80,8 +80,9 @@ def test_files_do_not_depend_on_workers_or_batch_size(tmp_path):
                       batch_chars=batch_chars, shard_tokens=5_000)
     one, many = load_meta(tmp_path / "one"), load_meta(tmp_path / "many")
     assert one["splits"] == many["splits"] and len(one["splits"]["train"]["files"]) > 2
-    for split, texts in (("train", [t for s, t in docs if s == "train"]), ("val", [t for s, t in docs if s == "val"])):
-        enc = tiktoken.get_encoding("gpt2")
+    enc = tiktoken.get_encoding("gpt2")
+    for split in ("train", "val"):
+        texts = [t for s, t in docs if s == split]
         assert tokens(tmp_path / "many", split) == [t for x in texts for t in enc.encode_ordinary(x) + [50256]]
         for f in one["splits"][split]["files"]:
             assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "many" / f).read_bytes()
