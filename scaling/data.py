@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scaling.tokenizer import TOKENIZERS
+
 MAGIC = b"SCALTOK\x00"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQ")  # magic, version, bytes per token, token count
@@ -69,9 +71,12 @@ def write_tokens(path: str | Path, ids, vocab_size: int) -> int:
 def read_tokens(path: str | Path) -> np.ndarray:
     """Memory-map a token file after checking its header against its size."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(HEADER.size)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+    except OSError as e:  # missing, a folder, no permission
+        raise DataError(f"{path}: cannot read the token file ({e.strerror}); prepare the dataset again") from None
     if len(head) < HEADER.size or head[:8] != MAGIC:
         raise DataError(f"{path}: not a token file (bad magic; was it written by scaling's prepare?)")
     _, version, itemsize, count = HEADER.unpack(head)
@@ -84,10 +89,32 @@ def read_tokens(path: str | Path) -> np.ndarray:
 
 
 def load_meta(data_dir: str | Path) -> dict:
+    """meta.json, checked here once so that every reader may index it without a traceback."""
     meta_path = Path(data_dir) / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"no prepared dataset at {data_dir}")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8 or not JSON
+        raise DataError(f"{meta_path}: not valid JSON ({e}); prepare the dataset again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind, what in (("tokenizer", str, "a string"), ("vocab_size", int, "an integer"),
+                            ("splits", dict, "an object")):
+        if key not in meta:
+            raise DataError(f"{meta_path}: missing key '{key}'; prepare the dataset again")
+        if not isinstance(meta[key], kind):
+            raise DataError(f"{meta_path}: '{key}' should be {what}, got {meta[key]!r}")
+    if meta["tokenizer"] not in TOKENIZERS:
+        raise DataError(f"{meta_path}: unknown tokenizer {meta['tokenizer']!r} ({', '.join(TOKENIZERS)})")
+    if meta["tokenizer"] == "char" and not isinstance(meta.get("chars"), str):
+        raise DataError(f"{meta_path}: missing key 'chars' (the char tokenizer's alphabet)")
+    if meta["vocab_size"] < 1:
+        raise DataError(f"{meta_path}: 'vocab_size' should be >= 1, got {meta['vocab_size']}")
+    for split, s in meta["splits"].items():
+        if not isinstance(s, dict) or not isinstance(s.get("files"), list):
+            raise DataError(f"{meta_path}: missing key 'splits.{split}.files' (a list of token files)")
+    return meta
 
 
 class TokenWindows:
@@ -97,8 +124,9 @@ class TokenWindows:
         meta = load_meta(data_dir)
         if split not in meta["splits"]:
             raise DataError(f"{data_dir}: no '{split}' split")
-        self.seq_len = seq_len
-        self.files = [read_tokens(Path(data_dir) / f) for f in meta["splits"][split]["files"]]
+        self.seq_len, self.split, self.vocab_size = seq_len, split, meta["vocab_size"]
+        self.paths = [Path(data_dir) / f for f in meta["splits"][split]["files"]]
+        self.files = [read_tokens(p) for p in self.paths]
         # Windows never straddle two files; the last partial window of each file is dropped.
         counts = [max(0, (len(t) - 1) // seq_len) for t in self.files]
         self.starts = np.cumsum([0] + counts)
@@ -106,10 +134,29 @@ class TokenWindows:
         if self.num_windows == 0:
             raise DataError(f"{data_dir}: '{split}' split has fewer than {seq_len + 1} tokens")
 
-    def window(self, w: int) -> np.ndarray:
-        f = int(np.searchsorted(self.starts, w, side="right")) - 1
+    def _file(self, w: int) -> int:
+        return int(np.searchsorted(self.starts, w, side="right")) - 1
+
+    def _slice(self, w: int) -> np.ndarray:
+        f = self._file(w)
         off = (w - int(self.starts[f])) * self.seq_len
         return self.files[f][off: off + self.seq_len + 1]
+
+    def rows(self, ws: list[int]) -> np.ndarray:
+        """Windows ws as int64 rows, their ids checked against the vocabulary: past here an id
+        out of range is an index error deep in the embedding (a device-side assert on GPU). One
+        max over the rows about to be copied anyway costs nothing measurable."""
+        rows = np.stack([self._slice(w) for w in ws])
+        if rows.size and int(rows.max()) >= self.vocab_size:
+            w = ws[int(np.argmax(rows.max(axis=1) >= self.vocab_size))]
+            raise DataError(f"{self.paths[self._file(w)]}: token id {int(self._slice(w).max())} in the "
+                            f"'{self.split}' split is >= vocab_size {self.vocab_size} of meta.json: the file "
+                            f"is corrupt or from another tokenizer; prepare the dataset again")
+        return rows.astype(np.int64)
+
+    def window(self, w: int) -> np.ndarray:
+        """Window w (seq_len + 1 ids), checked as rows() checks a batch."""
+        return self.rows([w])[0]
 
 
 class DataLoader:
@@ -143,9 +190,7 @@ class DataLoader:
         return int(self._perm[j])
 
     def _batch(self, first: int):
-        rows = np.stack([self.windows.window(self._window_index(i))
-                         for i in range(first, first + self.micro_batch)]).astype(np.int64)
-        xy = torch.from_numpy(rows)
+        xy = torch.from_numpy(self.windows.rows([self._window_index(i) for i in range(first, first + self.micro_batch)]))
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]

@@ -74,6 +74,9 @@ class GPT2Tokenizer:
         return self.enc.decode(list(ids))
 
 
+TOKENIZERS = ("byte", "char", "gpt2")  # the names get_tokenizer knows
+
+
 def get_tokenizer(name: str, meta: dict | None = None):
     if name == "byte":
         return ByteTokenizer()
@@ -81,7 +84,7 @@ def get_tokenizer(name: str, meta: dict | None = None):
         return GPT2Tokenizer()
     if name == "char":
         return CharTokenizer((meta or {})["chars"])
-    raise ValueError(f"unknown tokenizer {name!r} (byte, char, gpt2)")
+    raise ValueError(f"unknown tokenizer {name!r} ({', '.join(TOKENIZERS)})")
 
 
 # tiktoken caches each file under the sha1 of its URL.

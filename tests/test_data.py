@@ -1,9 +1,13 @@
 """Token files and the loader: format checks, sampling order, data-parallel slicing."""
 
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
 
-from scaling.data import HEADER_BYTES, DataError, DataLoader, TokenWindows, read_tokens, write_tokens
+from scaling.data import HEADER_BYTES, DataError, DataLoader, TokenWindows, load_meta, read_tokens, write_tokens
 from scaling.prepare import SplitWriter, prepare_embedded, write_meta
 from scaling.tokenizer import ByteTokenizer
 
@@ -131,3 +135,76 @@ def test_tokenizer_or_vocab_disagreeing_with_the_dataset_is_a_one_line_error(ove
     from conftest import run_module, tiny_args
     p = run_module("scaling.train", *tiny_args(data_root, tmp_path, override))
     assert p.returncode == 2 and p.stderr.strip() == f"error: {message}", p.stderr
+
+
+# A broken dataset folder is a DataError naming the file (and train turns it into one line, exit 2).
+
+def test_meta_json_that_is_not_json_is_refused_naming_it(tmp_path):
+    d = make_dataset(tmp_path / "d")
+    (d / "meta.json").write_text('{"format": 1,')
+    with pytest.raises(DataError, match=r"meta\.json: not valid JSON"):
+        load_meta(d)
+
+
+def test_meta_json_without_a_required_key_names_the_key(tmp_path):
+    d = make_dataset(tmp_path / "d")
+    meta = load_meta(d)
+    del meta["vocab_size"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"meta\.json: missing key 'vocab_size'"):
+        load_meta(d)
+
+
+def test_token_file_listed_but_missing_is_refused_naming_it(tmp_path):
+    d = make_dataset(tmp_path / "d")
+    (d / "val_000001.bin").unlink()
+    with pytest.raises(DataError, match=r"val_000001\.bin: cannot read the token file \(No such file"):
+        TokenWindows(d, "val", seq_len=100)
+
+
+def with_id_beyond_the_vocabulary(d):
+    """train_000001.bin rewritten with one id (300) >= the byte vocabulary (257) at its token 150."""
+    ids = np.arange(3000) % 256
+    ids[150] = 300
+    write_tokens(d / "train_000001.bin", ids, vocab_size=257)
+    return d
+
+
+def test_loader_refuses_a_token_id_beyond_the_vocabulary_naming_file_and_split(tmp_path):
+    windows = TokenWindows(with_id_beyond_the_vocabulary(make_dataset(tmp_path / "d")), "train", seq_len=100)
+    ld = DataLoader(windows, micro_batch=4, global_batch=8, seed=0)
+    with pytest.raises(DataError, match=r"train_000001\.bin: token id 300 in the 'train' split is >= vocab_size 257"):
+        for _ in range(windows.num_windows // 8 + 1):  # one epoch reaches every window
+            ld.next_step()
+
+
+def test_reading_a_window_refuses_a_token_id_beyond_the_vocabulary(tmp_path):
+    # Evaluation (train.evaluate, eval.split_loss) reads windows one by one, not through the loader.
+    windows = TokenWindows(with_id_beyond_the_vocabulary(make_dataset(tmp_path / "d")), "train", seq_len=100)
+    windows.window(28)  # the last window of the first file is fine
+    with pytest.raises(DataError, match=r"train_000001\.bin: token id 300"):
+        windows.window(30)  # tokens 100..200 of the second file
+
+
+def break_meta(key):
+    def f(d):
+        meta = json.loads((d / "meta.json").read_text())
+        del meta[key]
+        (d / "meta.json").write_text(json.dumps(meta))
+    return f
+
+
+@pytest.mark.parametrize("breaks, message", [
+    (lambda d: (d / "meta.json").write_text("{not json"), r"shakes/meta\.json: not valid JSON"),
+    (break_meta("splits"), r"shakes/meta\.json: missing key 'splits'"),
+    (lambda d: (d / "val_000000.bin").unlink(), r"shakes/val_000000\.bin: cannot read the token file"),
+    (lambda d: write_tokens(d / "train_000000.bin", np.full(100_000, 1000), vocab_size=257),
+     r"shakes/train_000000\.bin: token id 1000 in the 'train' split is >= vocab_size 257"),
+], ids=["not-json", "missing-key", "missing-file", "id-beyond-vocab"])
+def test_train_on_a_broken_dataset_exits_2_with_one_line_naming_the_file(breaks, message, data_root, tmp_path):
+    from conftest import run_module, tiny_args
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "shakes", root / "shakes")
+    breaks(root / "shakes")
+    p = run_module("scaling.train", *tiny_args(root, tmp_path / "run"))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and re.match("error: .*" + message, p.stderr), p.stderr
