@@ -2,38 +2,57 @@
 
 What one holds: the model and optimizer (sharded as trained; DCP reshards them on load into any
 other layout), the data loader's global position, the step and tokens seen, each rank's RNG
-state (rng_rank<r>.pt), the resolved config and the tokenizer. The learning rate is a function
-of the step, so the step restores the schedule.
+state (rng_rank<r>.pt), the resolved config, the tokenizer and checksums.json (size and CRC-32
+of every other file, the run's id and world size).
 
-Atomicity: every rank writes into step_<N>.tmp; the folder is renamed to step_<N> by rank 0
-only once DCP's metadata is written, which DCP does only after every rank has finished its
-part. A folder named step_<N> is therefore always whole. Resume checks that every file the
-metadata names is present and long enough before it trusts a checkpoint; an incomplete (.tmp)
-or damaged one is reported and skipped, never loaded and never deleted.
+Atomicity: every rank writes into step_<N>.tmp; rank 0 renames it to step_<N> only once DCP's
+metadata is written (DCP writes it after every rank has finished its part) and the checksums
+are recorded. A folder named step_<N> is therefore always whole when committed; resume checks
+that it still is (every file present, of its recorded size and checksum) before trusting it.
+An incomplete (.tmp) or damaged checkpoint is reported and skipped, never loaded and never
+deleted; clean-up counts only whole checkpoints of this run and never the one just written.
 
 Async saving (checkpoint.async_save): the state is copied to host memory, then written by a
-background thread while training goes on; at most one save is in flight, and the next save (or
-the end of training) waits for it.
+background thread while training goes on; rank 0 computes the checksums, commits and cleans up
+in a background thread of its own, off the training loop. At most one save is in flight; the
+next save (or the end of training) waits for it.
 """
 
+import datetime
 import json
+import os
 import re
+import secrets
 import shutil
 import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
-from scaling.config import Config, ConfigError, load_config, save_config
+from scaling.config import Config, ConfigError, load_config, save_config, to_dict
+from scaling.distributed import is_comm_failure
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "checksums.json"
 
 
 # DCP warns on every single-process save and load (also from its background writer thread)
 # that no process group exists: that is intended here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# DCP reports a failed write as a CheckpointException, which is a BaseException.
+SAVE_ERRORS = (Exception, CheckpointException)
 
 
 def step_of(path: Path) -> int:
@@ -46,12 +65,58 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if STEP_DIR.match(p.name) and p.is_dir()), key=step_of)
 
 
-def problem(path: Path) -> str | None:
-    """Why a checkpoint folder cannot be loaded, or None if it is whole."""
+def new_run_id() -> str:
+    return secrets.token_hex(8)
+
+
+def file_crc(path: Path, chunk: int = 16 << 20) -> int:
+    """CRC-32 of a file: 3.8 GB/s on one core here (SHA-256: 1.7), and zlib releases the GIL,
+    so a few threads hash a checkpoint's files in parallel."""
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _crcs(folder: Path, names: list[str]) -> dict[str, int]:
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        return dict(zip(names, pool.map(lambda n: file_crc(folder / n), names)))
+
+
+def write_manifest(folder: Path, run_id: str, world_size: int):
+    """Record size and CRC-32 of every file in a finished checkpoint folder."""
+    names = sorted(f.name for f in folder.iterdir() if f.is_file() and f.name != MANIFEST)
+    crcs = _crcs(folder, names)
+    files = {n: {"size": (folder / n).stat().st_size, "crc32": crcs[n]} for n in names}
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"run": run_id, "world_size": world_size, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+        return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def problem(path: Path, verify: bool = False) -> str | None:
+    """Why a checkpoint folder cannot be loaded, or None if it is whole. Sizes are always
+    checked; verify=True also recomputes every file's checksum (reads the whole checkpoint)."""
     if not (path / ".metadata").is_file():
         return "no .metadata"
     if not (path / "config.yaml").is_file():
         return "no config.yaml"
+    if not (path / MANIFEST).is_file():
+        return f"no {MANIFEST} (an older or damaged checkpoint: its files cannot be verified)"
+    manifest = read_manifest(path)
+    if manifest is None:
+        return f"unreadable {MANIFEST}"
     try:
         meta = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # a truncated or foreign .metadata
@@ -59,22 +124,29 @@ def problem(path: Path) -> str | None:
     need = {}
     for info in meta.storage_data.values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in need.items():
+    files = manifest["files"]
+    for name in need.keys() - files.keys():
+        return f"{name} has no recorded checksum"
+    for name, rec in files.items():
         f = path / name
         if not f.is_file():
             return f"missing {name}"
-        if f.stat().st_size < size:
-            return f"{name} is truncated ({f.stat().st_size} of {size} bytes)"
+        if f.stat().st_size != rec["size"]:
+            return f"{name} is truncated ({f.stat().st_size} of {rec['size']} bytes)"
+    if verify:
+        for name, crc in _crcs(path, sorted(files)).items():
+            if crc != files[name]["crc32"]:
+                return f"checksum mismatch in {name} (the file changed after it was saved)"
     return None
 
 
-def newest_complete(run_dir: str | Path, report=print) -> Path | None:
+def newest_complete(run_dir: str | Path, report=print, verify: bool = True) -> Path | None:
     """The newest whole checkpoint of a run; the others found on the way are reported."""
     root = Path(run_dir) / "checkpoints"
     for tmp in sorted(root.glob("step_*.tmp")):
         report(f"checkpoint: ignoring {tmp} (an interrupted save; left in place)")
     for path in reversed(checkpoints(run_dir)):
-        why = problem(path)
+        why = problem(path, verify)
         if why is None:
             return path
         report(f"checkpoint: skipping {path}: {why} (left in place)")
@@ -82,7 +154,7 @@ def newest_complete(run_dir: str | Path, report=print) -> Path | None:
 
 
 def resolve_resume(cfg: Config, report=print) -> Path | None:
-    """The checkpoint to resume from according to checkpoint.resume."""
+    """The checkpoint to resume from according to checkpoint.resume (checksums verified)."""
     r = cfg.checkpoint.resume
     if r == "none":
         return None
@@ -94,7 +166,7 @@ def resolve_resume(cfg: Config, report=print) -> Path | None:
         if found is None:
             raise ConfigError(f"checkpoint.resume: no complete checkpoint in {r}")
         return found
-    why = problem(path) if path.is_dir() else "not found"
+    why = problem(path, verify=True) if path.is_dir() else "not found"
     if why:
         raise ConfigError(f"checkpoint.resume: {r} is not a usable checkpoint: {why}")
     return path
@@ -104,7 +176,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (meaning its newest complete checkpoint)."""
     p = Path(path)
     if (p / ".metadata").is_file():
-        why = problem(p)
+        why = problem(p, verify=True)
         if why:
             raise FileNotFoundError(f"{p} is not a usable checkpoint: {why}")
         return p
@@ -114,8 +186,45 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+# What a resumed run may not change: the shapes and meaning of the saved tensors. Anything else
+# (learning rate, steps, dataset, layout, world size, ...) is reported, not refused.
+FIXED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size", "model.bias",
+         "train.seq_len", "tokenizer")
+NOT_REPORTED = ("name", "logging.run_dir", "checkpoint.resume", "model.init_from", "model.size")
+
+
+def _flat(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def compare_configs(path: Path, cfg: Config, tokenizer: str) -> tuple[list[str], list[str]]:
+    """(refused, changed): one line per key that differs between checkpoint `path` and the
+    current config; refused lines name keys in FIXED."""
+    saved = _flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    tok = json.loads((path / "tokenizer.json").read_text())
+    if saved.get("model.vocab_size") is None:  # left to the dataset when it was saved
+        saved["model.vocab_size"] = tok["vocab_size"]
+    saved["tokenizer"] = tok["name"]
+    now = {**_flat(to_dict(cfg)), "tokenizer": tokenizer}
+    refused, changed = [], []
+    for key in sorted(saved.keys() | now.keys()):
+        old, new = saved.get(key), now.get(key)
+        if old == new or key in NOT_REPORTED:
+            continue
+        line = f"{key}: {old!r} -> {new!r}"
+        (refused if key in FIXED else changed).append(line)
+    return refused, changed
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rng_state() -> dict:
@@ -125,48 +234,75 @@ def rng_state() -> dict:
     return state
 
 
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _set_aside(path: Path, suffix: str) -> Path:
+    """Rename path to <name><suffix> (or <name><suffix>.<k> if taken); returns the new path."""
+    target, k = path.with_name(path.name + suffix), 1
+    while target.exists():
+        target, k = path.with_name(f"{path.name}{suffix}.{k}"), k + 1
+    path.rename(target)
+    return target
+
+
 class Checkpointer:
     """Saves, commits, purges and loads the checkpoints of one run. Every rank holds one."""
 
-    def __init__(self, cfg: Config, tokenizer: dict):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: Config, tokenizer: dict, run_id: str):
+        self.cfg, self.tokenizer, self.run_id = cfg, tokenizer, run_id
         self.root = Path(cfg.logging.run_dir) / "checkpoints"
-        self.pending = None  # (future, tmp, final) of the save in flight
+        self.pending = None  # the save in flight: rank 0's commit, other ranks' DCP write
+        self.verified = set()  # checkpoints whose checksums this process has checked or taken
         self.group = None
         if cfg.checkpoint.async_save and dist.is_initialized():
             # The background writer's collectives get their own gloo group, so they never
-            # interleave with training's collectives on the default group.
-            self.group = dist.new_group(backend="gloo")
+            # interleave with training's; with the run's timeout, not torch's 30 minutes, so a
+            # dead rank cannot keep the others waiting on a save at exit.
+            self.group = dist.new_group(backend="gloo",
+                                        timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit") if _rank() == 0 else None
 
     def save(self, step: int, state: dict):
         """Write checkpoint step_<step> of state (a dict of state dicts) on every rank."""
         self.wait()  # at most one save in flight
         final = self.root / f"step_{step}"
         tmp = final.with_name(final.name + ".tmp")
+        try:
+            if _rank() == 0:
+                if tmp.exists():  # left by a save that was killed; it was never a checkpoint
+                    print(f"checkpoint: replacing the interrupted save {tmp}", flush=True)
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            _barrier()
+            torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+            if self.cfg.checkpoint.async_save:
+                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+                self.pending = (self.committer.submit(self._commit_after, future, tmp, final) if self.committer
+                                else future), tmp, final
+                return
+            dcp.save(state, checkpoint_id=tmp)
+        except SAVE_ERRORS as e:
+            self._failed(tmp, final, e)
+        _barrier()
         if _rank() == 0:
-            if tmp.exists():  # left by a save that was killed; it was never a checkpoint
-                print(f"checkpoint: replacing the interrupted save {tmp}", flush=True)
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        _barrier()
-        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-        if self.cfg.checkpoint.async_save:
-            self.pending = (dcp.async_save(state, checkpoint_id=tmp, process_group=self.group), tmp, final)
-            return
-        dcp.save(state, checkpoint_id=tmp)
-        _barrier()
-        self._commit(tmp, final)
+            self._commit(tmp, final)
         _barrier()
 
     def poll(self):
-        """Commit the save in flight if it has finished; cheap, call every step."""
+        """Surface the end of the save in flight if it has finished; cheap, call every step."""
         if self.pending and self.pending[0].done():
             self._finish()
 
     def wait(self):
         """Block until the save in flight is written and committed. Every rank calls this at the
         same points, so the barrier is always matched, whether or not a rank still had its save
-        pending (rank 0 may already have committed it in poll())."""
+        pending (poll() may already have collected it)."""
         if self.pending:
             self._finish()
         _barrier()
@@ -174,46 +310,94 @@ class Checkpointer:
     def _finish(self):
         future, tmp, final = self.pending
         self.pending = None
-        future.result()  # re-raise a failed write here rather than lose it
-        # Rank 0's save finishes only after DCP has collected every rank's write results and
-        # written the metadata, so rank 0 alone may commit.
+        try:
+            future.result()  # re-raise a failed write here rather than lose it
+        except SAVE_ERRORS as e:
+            self._failed(tmp, final, e)
+
+    def _failed(self, tmp: Path, final: Path, e: Exception):
+        """A save that failed (disk full, I/O error): its partial folder is never a checkpoint;
+        rank 0 removes it to give back the space. Older checkpoints are untouched."""
+        if is_comm_failure(e):  # another rank died: not this save's fault
+            raise e
+        # torch.save reports a full disk as "unexpected pos" and DCP wraps errors: ask the disk.
+        full = "No space left" in str(e) or shutil.disk_usage(self.root).free < (1 << 20)
+        why = "no space left on device" if full else str(e).strip().splitlines()[0][:300]
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving {final} failed: {why}; the checkpoints saved before are intact") from e
+
+    def _commit_after(self, future, tmp: Path, final: Path):
+        # DCP's rank-0 future finishes only after every rank's write results are collected and
+        # the metadata is written, so rank 0 alone may commit.
+        future.result()
         self._commit(tmp, final)
 
     def _commit(self, tmp: Path, final: Path):
-        if _rank() != 0:
-            return
+        """Rank 0: config, tokenizer and checksums into tmp, then the atomic rename, then clean-up."""
         save_config(self.cfg, tmp / "config.yaml")
         (tmp / "tokenizer.json").write_text(json.dumps(self.tokenizer))
-        if final.exists():  # a fresh run (resume=none) saving a step an older run saved too
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            tmp.rename(final)
+        write_manifest(tmp, self.run_id, _world())
+        old = None
+        if final.exists():  # the same step saved before: a re-done step, or a damaged folder
+            if problem(final, verify=True) is not None:
+                kept = _set_aside(final, ".damaged")
+                print(f"checkpoint: {final} was damaged; kept as {kept}", flush=True)
+            else:
+                old = _set_aside(final, ".deleting")
+        tmp.rename(final)
+        _fsync_dir(final.parent)
+        if old:
             shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        self._purge()
+        self.verified.add(final)  # its checksums were just taken from the files themselves
+        self._purge(final)
 
-    def _purge(self):
-        """Keep the newest checkpoint.keep checkpoints, and every keep_every-th for good."""
+    def _purge(self, just_saved: Path):
+        """Keep the newest checkpoint.keep verified checkpoints of this run, every keep_every-th
+        for good, and always the one just saved. Damaged folders and other runs' checkpoints are
+        neither counted nor deleted. A folder is renamed before it is deleted, so a deletion cut
+        short never leaves a step_<N> that looks like a checkpoint."""
         keep, every = self.cfg.checkpoint.keep, self.cfg.checkpoint.keep_every
         if keep <= 0:
             return
-        for path in checkpoints(self.root.parent)[:-keep]:
-            if not (every and step_of(path) % every == 0):
-                shutil.rmtree(path)
+        ours = [p for p in checkpoints(self.root.parent)
+                if (read_manifest(p) or {}).get("run") == self.run_id and problem(p) is None]
+        kept = 0
+        for path in reversed(ours):
+            if kept < keep:  # verify (once per process) only what is counted as kept
+                if path in self.verified or problem(path, verify=True) is None:
+                    self.verified.add(path)
+                    kept += 1
+                continue
+            if path != just_saved and not (every and step_of(path) % every == 0):
+                shutil.rmtree(_set_aside(path, ".deleting"))
+        for left in self.root.glob("step_*.deleting*"):  # a deletion cut short by a kill
+            shutil.rmtree(left, ignore_errors=True)
 
-    def load(self, path: Path, state: dict):
-        """Fill state (same structure as saved) from a checkpoint, resharding as needed."""
+    def load(self, path: Path, state: dict) -> bool:
+        """Fill state (same structure as saved) from a checkpoint, resharding as needed. Returns
+        whether the RNG states were restored (only with the world size they were saved at)."""
+        saved = {k for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith("model.")}
+        wanted = {f"model.{k}" for k in state["model"]}
+        if saved != wanted:  # DCP would load the common part and silently drop the rest
+            extra, missing = sorted(saved - wanted), sorted(wanted - saved)
+            raise ConfigError(f"checkpoint.resume: {path} does not fit this model: "
+                              f"{len(extra)} tensors only in the checkpoint {extra[:3]}, "
+                              f"{len(missing)} only in the model {missing[:3]}")
         dcp.load(state, checkpoint_id=path)
-        rng = path / f"rng_rank{_rank()}.pt"
-        same_world = (dist.get_world_size() if dist.is_initialized() else 1) == len(list(path.glob("rng_rank*.pt")))
-        if same_world and rng.is_file():
-            s = torch.load(rng, weights_only=True)
-            torch.set_rng_state(s["cpu"])
-            if "cuda" in s and torch.cuda.is_available():
-                torch.cuda.set_rng_state(s["cuda"])
-            return True
-        return False  # another world size: dropout streams restart from the seed
+        self.verified.add(path)  # resume verified it (rank 0, before choosing it)
+        manifest = read_manifest(path) or {}
+        if manifest.get("world_size", 0) != _world():
+            return False  # another world size: dropout streams restart from the seed
+        s = torch.load(path / f"rng_rank{_rank()}.pt", weights_only=True)
+        torch.set_rng_state(s["cpu"])
+        if "cuda" in s and torch.cuda.is_available():
+            torch.cuda.set_rng_state(s["cuda"])
+        return True
+
+    def close(self):
+        if self.committer:
+            self.committer.shutdown(wait=True)
 
 
 def _barrier():

@@ -58,6 +58,9 @@ class TrainConfig:
     global_batch_size: int | None = opt(
         None, "sequences per optimizer step over all ranks; null means micro_batch_size x data-parallel ranks")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables")
+    spike_zscore: float = opt(0.0, "loss-spike guard: skip an update whose gradient norm lies this many standard "
+                              "deviations above the recent ones (e.g. 6); 0 disables")
+    spike_window: int = opt(100, "loss-spike guard: how many recent accepted steps' gradient norms it compares with")
     eval_every: int = opt(250, "steps between validation passes; 0 disables")
     eval_sequences: int = opt(240, "validation sequences per evaluation (the first ones of the split, every time)")
     dtype: str = opt("fp32", "compute dtype: fp32, or bf16 autocast (CPU and CUDA)", ["fp32", "bf16"])
@@ -163,17 +166,19 @@ def _check_type(key, value, hint):
     raise ConfigError(f"{key}: expected {names}, got {value!r}")
 
 
+def _check_key(key: str):
+    """Raise ConfigError unless key is 'section.field' of the schema, naming the nearest valid key."""
+    all_keys = [f"{s}.{f.name}" for s, t in _section_types().items() for f in dataclasses.fields(t)]
+    if key not in all_keys:
+        raise ConfigError(f"{key}: unknown key{_nearest(key, all_keys + SECTIONS)}")
+
+
 def _set(cfg: Config, key: str, value):
     """Set 'section.field' on cfg with type checking; unknown keys name the nearest valid one."""
-    all_keys = [f"{s}.{f.name}" for s, t in _section_types().items() for f in dataclasses.fields(t)]
-    parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise ConfigError(f"{key}: unknown key{_nearest(key, all_keys + SECTIONS)}")
-    section = getattr(cfg, parts[0])
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    f = fields.get(parts[1])
-    if f is None:
-        raise ConfigError(f"{key}: unknown key{_nearest(key, all_keys)}")
+    _check_key(key)
+    section, name = key.split(".")
+    section = getattr(cfg, section)
+    f = {f.name: f for f in dataclasses.fields(section)}[name]
     hint = typing.get_type_hints(type(section))[f.name]
     value = _check_type(key, value, hint)
     choices = f.metadata.get("choices")
@@ -217,6 +222,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
             key, text = arg[2:], args[i + 1]
             i += 1
         else:
+            _check_key(arg[2:])
             raise ConfigError(f"{arg[2:]}: no value given (use --{arg[2:]}=VALUE)")
         out.append((key, _parse_value(text)))
         i += 1
@@ -279,8 +285,13 @@ def resolve(cfg: Config):
             raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                               f"train.micro_batch_size={t.micro_batch_size}")
     _resolve_parallel(cfg)
-    if o.min_lr > o.lr:
-        raise ConfigError(f"optim.min_lr: {o.min_lr} is larger than optim.lr={o.lr}")
+    _check_optim(o)
+    if t.grad_clip < 0:  # a negative clip coefficient flips every gradient: gradient ascent
+        raise ConfigError(f"train.grad_clip: must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    if t.spike_zscore < 0:
+        raise ConfigError(f"train.spike_zscore: must be >= 0 (0 disables the guard), got {t.spike_zscore}")
+    _positive(cfg, "train.spike_window", "parallel.timeout_s")
+    _check_profile_steps(cfg.logging.profile_steps)
     for key in ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
                 "logging.sample_tokens"):
         if _get(cfg, key) < 0:
@@ -316,6 +327,40 @@ def _resolve_parallel(cfg: Config):
         raise ConfigError(f"parallel.ac_every: must be > 0, got {p.ac_every}")
 
 
+def _check_optim(o: OptimConfig):
+    for key in ("lr", "min_lr", "weight_decay"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(o, key)}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr: {o.min_lr} is larger than optim.lr={o.lr}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            raise ConfigError(f"optim.{key}: must be in [0, 1), got {getattr(o, key)}")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps: must be > 0, got {o.eps}")
+    if o.decay_steps is not None and o.decay_steps < 0:
+        raise ConfigError(f"optim.decay_steps: must be >= 0, got {o.decay_steps}")
+
+
+PROFILE_STEPS = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def profile_range(text: str) -> tuple[int, int]:
+    """'10-12' -> (10, 12), '5' -> (5, 5): the steps (counted from 1) a profile records."""
+    m = PROFILE_STEPS.match(text.strip())
+    if not m:
+        raise ConfigError(f"logging.profile_steps: expected a step or a range like '10-12', got {text!r}")
+    first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+    if not 1 <= first <= last:
+        raise ConfigError(f"logging.profile_steps: expected 1 <= first <= last, got {text!r}")
+    return first, last
+
+
+def _check_profile_steps(text: str | None):
+    if text is not None:
+        profile_range(text)
+
+
 def _get(cfg, key):
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
@@ -349,7 +394,7 @@ def config_help() -> str:
 
 def main_with_config(argv: list[str], usage: str):
     """Parse 'RECIPE [--a.b=c ...]' for an entry point; bad input exits 2 with one line."""
-    if argv and argv[0] in ("-h", "--help"):
+    if any(a in ("-h", "--help") for a in argv):  # anywhere on the line, as users type it
         print(usage + "\n\n" + config_help())
         sys.exit(0)
     if not argv or argv[0].startswith("--"):

@@ -87,6 +87,41 @@ def all_reduce_mean(x: torch.Tensor, group=None) -> torch.Tensor:
     return x
 
 
+def is_comm_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died or hangs: gloo raises a plain
+    RuntimeError naming itself ("Timed out waiting ...", "Connection closed by peer")."""
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Timed out", "Connection closed")))
+
+
+class FollowerExit(Exception):
+    """Rank 0 failed a decision that every rank waited for, and reported it: this rank exits
+    quietly with the same code, so the user reads the reason once."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def on_rank0(fn):
+    """Run fn on rank 0 alone and give its result to every rank. If it raises, rank 0 raises
+    the same exception and the other ranks raise FollowerExit (none is left waiting)."""
+    if not dist.is_initialized():
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except Exception as e:
+            dist.broadcast_object_list([("error", 2 if isinstance(e, ValueError) else 1)], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)  # on CPU through gloo, also on GPU nodes
+    kind, value = box[0]
+    if kind == "error":
+        raise FollowerExit(value)
+    return value
+
+
 # Exit code of a run stopped by SIGTERM / SIGUSR1 after saving: "try again later" (sysexits.h
 # EX_TEMPFAIL). The Slurm launcher requeues a job that ends with it.
 EXIT_PREEMPTED = 75

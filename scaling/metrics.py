@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from scaling.config import profile_range
+
 # Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A10G": 125e12,
              "L4": 121e12, "L40S": 362e12, "4090": 165e12, "B200": 2250e12}
@@ -107,8 +109,7 @@ class Profiler:
     def __init__(self, steps: str | None, run_dir: Path, rank: int):
         self.prof, self.first, self.last = None, None, None
         if steps:
-            a, _, b = steps.partition("-")
-            self.first, self.last = int(a), int(b or a)
+            self.first, self.last = profile_range(steps)
         self.out = run_dir / "profile" / f"rank{rank}.json"
 
     def step(self, step: int):

@@ -7,6 +7,8 @@ for NaN, step, log, evaluate, checkpoint, stop on a signal) -> wait for the last
 """
 
 import contextlib
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,13 +22,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from scaling import checkpoint, distributed
-from scaling.config import Config, ConfigError, die, main_with_config, save_config, to_dict
+from scaling.checkpoint import CheckpointError
+from scaling.config import Config, ConfigError, die, main_with_config, to_dict
 from scaling.data import DataError, DataLoader, TokenWindows, load_meta
 from scaling.metrics import Metrics, Profiler, memory, peak_flops
 from scaling.model import GPT, GPTConfig, gpt_config
 from scaling.optim import build_optimizer, lr_at
 from scaling.parallel import ParallelDims, build_mesh, dp_rank, parallelize
 from scaling.prepare import prepare_embedded
+from scaling.rundir import open_run
 from scaling.tokenizer import get_tokenizer
 
 USAGE = "python -m scaling.train RECIPE [--section.key=value ...]"
@@ -137,18 +141,59 @@ class NonFinite(Exception):
     pass
 
 
-def train_state(model, optimizer, loader, step: int, tokens: int) -> dict:
+class SpikeGuard:
+    """Skips an update whose gradient norm is a spike: more than `zscore` standard deviations
+    above the mean of the last `window` accepted steps' norms (llm.c added such a guard after a
+    spike derailed its 1.5B run). Off when zscore is 0; it needs the norm on the host, one sync
+    per step. Its history is part of the checkpoint, so a resumed run decides as the whole would."""
+
+    MIN_HISTORY = 10  # no verdict on fewer norms than this (e.g. the first steps of a run)
+
+    def __init__(self, zscore: float, window: int):
+        self.zscore, self.window, self.norms, self.skipped = zscore, window, [], 0
+
+    def _stats(self) -> tuple[float, float]:
+        mean = sum(self.norms) / len(self.norms)
+        return mean, (sum((x - mean) ** 2 for x in self.norms) / len(self.norms)) ** 0.5
+
+    def describe(self) -> str:
+        mean, std = self._stats()
+        return f"recent mean {mean:.4g}, std {std:.3g}, train.spike_zscore={self.zscore:g}"
+
+    def is_spike(self, grad_norm: torch.Tensor) -> bool:
+        if not self.zscore:
+            return False
+        x = grad_norm.item()
+        if len(self.norms) >= min(self.MIN_HISTORY, self.window):
+            mean, std = self._stats()
+            if x > mean + self.zscore * max(std, 1e-6 * mean):
+                self.skipped += 1
+                return True
+        self.norms = (self.norms + [x])[-self.window:]
+        return False
+
+    def state_dict(self) -> dict:  # a string: DCP saves it as one object, whatever its length
+        return {"guard": json.dumps({"norms": self.norms, "skipped": self.skipped})}
+
+    def load_state_dict(self, state: dict):
+        s = json.loads(state["guard"])
+        self.norms, self.skipped = s["norms"][-self.window:], s["skipped"]
+
+
+def train_state(model, optimizer, loader, guard: SpikeGuard, step: int, tokens: int) -> dict:
     """Everything a checkpoint holds besides RNG states, config and tokenizer (checkpoint.py)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optimizer": optim_sd, "data": loader.state_dict(),
-            "train": {"step": step, "tokens": tokens}}
+            "train": {"step": step, "tokens": tokens, **guard.state_dict()}}
 
 
-def resume_from(ckpt: checkpoint.Checkpointer, path: Path, model, optimizer, loader, log) -> tuple[int, int]:
-    state = train_state(model, optimizer, loader, 0, 0)
+def resume_from(ckpt: checkpoint.Checkpointer, path: Path, model, optimizer, loader, guard: SpikeGuard,
+                log) -> tuple[int, int]:
+    state = train_state(model, optimizer, loader, guard, 0, 0)
     same_rng = ckpt.load(path, state)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     loader.load_state_dict(state["data"])
+    guard.load_state_dict(state["train"])
     step, tokens = int(state["train"]["step"]), int(state["train"]["tokens"])
     log(f"resumed from {path} at step {step}" + ("" if same_rng else
         " (another world size: dropout RNG streams restart from the seed)"), flush=True)
@@ -172,16 +217,18 @@ def train(cfg: Config) -> dict:
     data_dir = dataset_dir(cfg)
     meta = load_meta(data_dir)
     check_vocab(cfg, meta)
-    resume = checkpoint.resolve_resume(cfg, report=log)
+    cfg.model.vocab_size = cfg.model.vocab_size or meta["vocab_size"]  # recorded in config.yaml
+    tokenizer_spec = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}
+    tokenizer_spec["name"] = tokenizer_spec.pop("tokenizer")
+    tok = get_tokenizer(tokenizer_spec["name"], tokenizer_spec)
+    if cfg.logging.sample_tokens:  # found out now, not after hours of training
+        check_prompt(tok, cfg.logging.sample_prompt)
+    # Rank 0 verifies checkpoints, checks the run folder and claims it; every rank follows.
+    resume, run_id = distributed.on_rank0(lambda: open_run(cfg, tokenizer_spec["name"], report=log))
     run_dir = Path(cfg.logging.run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(t.seed + env.rank)  # dropout; weights and data order have their own streams
     mesh, dp_mesh = build_mesh(dims, device.type)
 
-    tokenizer_spec = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}
-    tokenizer_spec["name"] = tokenizer_spec.pop("tokenizer")
     train_loader = DataLoader(TokenWindows(data_dir, "train", t.seq_len), t.micro_batch_size,
                               t.global_batch_size, dp_rank=dp_rank(dp_mesh), dp_size=dims.dp, seed=t.seed,
                               device=device)
@@ -192,9 +239,10 @@ def train(cfg: Config) -> dict:
     # Under TP with loss parallelism the logits stay split over the vocabulary into the loss.
     loss_ctx = loss_parallel if dims.tp > 1 and p.loss_parallel else contextlib.nullcontext
     syncs = dims.fsdp or dims.ddp
-    ckpt = checkpoint.Checkpointer(cfg, tokenizer_spec)
+    guard = SpikeGuard(t.spike_zscore, t.spike_window)
+    ckpt = checkpoint.Checkpointer(cfg, tokenizer_spec, run_id or checkpoint.new_run_id())
     if resume:
-        start, tokens = resume_from(ckpt, resume, model, optimizer, train_loader, log)
+        start, tokens = resume_from(ckpt, resume, model, optimizer, train_loader, guard, log)
     else:
         start, tokens = 0, 0
         if cfg.model.init_from:
@@ -248,6 +296,9 @@ def train(cfg: Config) -> dict:
                                 f"checkpoints are untouched (train.on_nonfinite=skip skips such batches)")
             skipped += 1
             log(f"step {step + 1}: non-finite gradient norm, update skipped ({skipped} so far)", flush=True)
+        elif guard.is_spike(grad_norm):
+            log(f"step {step + 1}: gradient norm {grad_norm.item():.4g} is a spike ({guard.describe()}), "
+                f"update skipped ({guard.skipped} so far)", flush=True)
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -265,7 +316,7 @@ def train(cfg: Config) -> dict:
                     "tokens_per_sec": tok_s, "tokens_per_sec_per_device": tok_s / env.world_size,
                     "mfu": tok_s / env.world_size * flops_per_token / peak if peak else None,
                     **{f"{k}_ms": 1e3 * v / steps_since_log for k, v in timers.items()},
-                    **memory(device), "skipped_steps": skipped, "tokens": tokens, "elapsed_s": metrics.elapsed()}
+                    **memory(device), "skipped_steps": skipped, "spike_skips": guard.skipped, "tokens": tokens, "elapsed_s": metrics.elapsed()}
             metrics.log(last)
             loss_sum.zero_()
             timers = dict.fromkeys(timers, 0.0)
@@ -280,7 +331,7 @@ def train(cfg: Config) -> dict:
         stopping = stop.agreed(device, done)
         t_save = time.perf_counter()
         if (every and done % every == 0) or done == t.max_steps or stopping:
-            ckpt.save(done, train_state(model, optimizer, train_loader, done, tokens))
+            ckpt.save(done, train_state(model, optimizer, train_loader, guard, done, tokens))
         ckpt.poll()
         t_log += time.perf_counter() - t_save
         if stopping:
@@ -292,14 +343,22 @@ def train(cfg: Config) -> dict:
     profiler.close()
 
     ckpt.wait()
+    ckpt.close()
     if cfg.logging.sample_tokens:
         # Every rank runs the sampling (the sharded model needs all of them); rank 0 prints.
-        tok = get_tokenizer(tokenizer_spec["name"], tokenizer_spec)
         text = sample_text(model, tok, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
                            seed=t.seed, device=device)
         log("sample:\n" + text, flush=True)
     metrics.close()
     return last
+
+
+def check_prompt(tokenizer, prompt: str):
+    try:
+        tokenizer.encode(prompt)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"logging.sample_prompt: {prompt!r} cannot be encoded by the dataset's tokenizer "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def sample_text(model, tokenizer, prompt: str, n: int, temperature=0.8, top_k=200, seed=0,
@@ -317,8 +376,22 @@ def main(argv=None):
     cfg = main_with_config(sys.argv[1:] if argv is None else argv, USAGE)
     try:
         train(cfg)
-    except (DataError, ConfigError) as e:
+    except distributed.FollowerExit as e:  # rank 0 printed why
+        sys.exit(e.code)
+    except (DataError, ConfigError, CheckpointError) as e:
         die(str(e))
+    except OSError as e:  # the run folder became unwritable or full while training
+        die(f"{e.filename or cfg.logging.run_dir}: {(e.strerror or str(e)).lower()}; the checkpoints saved "
+            "before are intact")
+    except RuntimeError as e:
+        if not distributed.is_comm_failure(e):
+            raise
+        # Another rank died or hangs (a collective failed or timed out). Exit now: waiting for
+        # background threads stuck on the same ranks would only delay the scheduler's restart.
+        print(f"error: rank {distributed.rank()}: a collective failed ({str(e).splitlines()[0][:200]}): another "
+              "rank died or hung past parallel.timeout_s; the newest complete checkpoint is intact",
+              file=sys.stderr, flush=True)
+        os._exit(1)
     except Preempted:
         sys.exit(distributed.EXIT_PREEMPTED)
     except NonFinite as e:

@@ -96,3 +96,41 @@ def test_help_lists_every_key_with_its_documentation():
     p = run_module("scaling.train", "--help", timeout=120)
     assert p.returncode == 0
     assert "train.micro_batch_size (int, default 12): sequences per forward/backward" in p.stdout
+
+
+# Values that type-check but cannot be meant: each is refused naming its key, before any run.
+OUT_OF_RANGE = {
+    "--optim.lr=-1e-3": "optim.lr",
+    "--optim.min_lr=-1": "optim.min_lr",
+    "--optim.beta1=-0.1": "optim.beta1",
+    "--optim.beta2=1.0": "optim.beta2",
+    "--optim.eps=0": "optim.eps",
+    "--optim.weight_decay=-0.1": "optim.weight_decay",
+    "--optim.decay_steps=-5": "optim.decay_steps",
+    "--train.grad_clip=-1": "train.grad_clip",  # would flip every gradient: gradient ascent
+    "--train.spike_zscore=-2": "train.spike_zscore",
+    "--train.spike_window=0": "train.spike_window",
+    "--parallel.timeout_s=0": "parallel.timeout_s",
+    "--logging.profile_steps=abc": "logging.profile_steps",
+    "--logging.profile_steps=12-10": "logging.profile_steps",
+    "--logging.profile_steps=0": "logging.profile_steps",
+}
+
+
+@pytest.mark.parametrize("override", list(OUT_OF_RANGE))
+def test_out_of_range_value_is_rejected_naming_its_key(override):
+    with pytest.raises(ConfigError, match=OUT_OF_RANGE[override].replace(".", r"\.") + ":"):
+        load_config(TINY, [override])
+
+
+def test_negative_grad_clip_exits_2_with_one_line():
+    assert_cli_error([TINY, "--train.grad_clip=-1"], "train.grad_clip", ">= 0")
+
+
+def test_help_anywhere_on_the_line_prints_the_keys():
+    p = run_module("scaling.train", DEMO, "--train.max_steps=3", "--help", timeout=120)
+    assert p.returncode == 0 and "optim.beta2" in p.stdout, p.stderr
+
+
+def test_bare_unknown_flag_is_named_as_an_unknown_key():
+    assert_cli_error([DEMO, "--foo"], "foo: unknown key")

@@ -1,0 +1,297 @@
+"""What a run does off the happy path: it refuses to mix two runs or two models, verifies every
+checkpoint before trusting it, never deletes good work, holds its run folder alone, and ends
+when another rank dies or hangs, always with one line saying why."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, read_metrics, run_module, tiny_args
+from scaling.checkpoint import MANIFEST, checkpoints, load_model, newest_complete
+from scaling.config import load_config
+from scaling.train import SpikeGuard, train
+from test_checkpoint import command, kill_all, losses_by_step, run, start, worker_pid
+
+FAST = ["--train.eval_every=0", "--logging.every=1"]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under folder with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_cli(data_root, run_dir, *extra, **kw):
+    return run_module("scaling.train", *tiny_args(data_root, run_dir, *FAST, *extra), **kw)
+
+
+def one_line_error(p, code=2) -> str:
+    assert p.returncode == code, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+def flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def saved_run(data_root, tmp_path_factory):
+    """A 4-step run of tests/tiny.yaml with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    train_cli(data_root, run_dir, "--train.max_steps=4", "--checkpoint.every=2", check=True)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(saved_run, tmp_path):
+    shutil.copytree(saved_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+# --- a resumed run is the same run ---------------------------------------------------------
+
+SHAPE_CHANGES = {  # override: what the refusal names (the checkpoint's value -> the new one)
+    "--model.n_layer=3": "model.n_layer: 2 -> 3",
+    "--model.n_head=4": "model.n_head: 2 -> 4",  # same tensor shapes: only the config tells
+    "--model.n_embd=128": "model.n_embd: 64 -> 128",
+    "--model.block_size=128": "model.block_size: 64 -> 128",
+    "--model.vocab_size=320": "model.vocab_size: 257 -> 320",
+    "--model.bias=false": "model.bias: True -> False",
+}
+
+
+@pytest.mark.parametrize("override", list(SHAPE_CHANGES))
+def test_resume_refuses_a_model_change_and_leaves_the_run_folder_as_it_was(override, run_copy, data_root):
+    before = snapshot(run_copy)
+    cfg = load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={run_copy}", *FAST,
+                             "--train.max_steps=6", override])
+    from scaling.config import ConfigError
+    with pytest.raises(ConfigError, match="checkpoint.resume") as e:
+        train(cfg)
+    assert SHAPE_CHANGES[override] in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(run_copy) == before
+
+
+def test_resume_refusal_on_the_command_line_is_one_line_naming_each_key(run_copy, data_root):
+    before = snapshot(run_copy)
+    p = train_cli(data_root, run_copy, "--train.max_steps=6", "--model.n_layer=3", "--model.n_head=1")
+    line = one_line_error(p)
+    assert "model.n_layer: 2 -> 3" in line and "model.n_head: 2 -> 1" in line
+    assert snapshot(run_copy) == before
+
+
+def test_legitimate_changes_on_resume_are_reported_one_line_each(run_copy, data_root):
+    p = train_cli(data_root, run_copy, "--train.max_steps=6", "--optim.lr=2e-3", "--checkpoint.every=2",
+                  check=True)
+    assert "resume: optim.lr: 0.001 -> 0.002" in p.stdout
+    assert "resume: train.max_steps: 4 -> 6" in p.stdout
+    assert "step_4 at step 4" in p.stdout
+
+
+# --- checkpoint integrity ----------------------------------------------------------------------
+
+def test_every_checkpoint_file_has_a_recorded_checksum(saved_run):
+    ck = saved_run / "checkpoints" / "step_4"
+    files = json.loads((ck / MANIFEST).read_text())["files"]
+    assert set(files) == {f.name for f in ck.iterdir()} - {MANIFEST}
+    assert {"rng_rank0.pt", ".metadata", "config.yaml"} <= set(files)
+
+
+def test_a_flipped_byte_in_a_full_length_shard_is_caught_and_the_older_checkpoint_used(run_copy, data_root):
+    step4 = run_copy / "checkpoints" / "step_4"
+    shard = next(step4.glob("*.distcp"))
+    flip_byte(shard)
+    damaged = shard.read_bytes()
+    p = train_cli(data_root, run_copy, "--train.max_steps=5", check=True)
+    assert f"skipping {step4}: checksum mismatch in {shard.name}" in p.stdout
+    assert "step_2 at step 2" in p.stdout
+    assert shard.read_bytes() == damaged  # left on disk as it was, for a post-mortem
+
+
+def test_a_missing_rng_file_is_reported_as_missing(run_copy, data_root):
+    (run_copy / "checkpoints" / "step_4" / "rng_rank0.pt").unlink()
+    p = train_cli(data_root, run_copy, "--train.max_steps=5", check=True)
+    assert "step_4: missing rng_rank0.pt" in p.stdout and "step_2 at step 2" in p.stdout
+
+
+def test_sample_refuses_a_checkpoint_whose_checksum_does_not_match(run_copy):
+    flip_byte(next((run_copy / "checkpoints" / "step_4").glob("*.distcp")))
+    s = run_module("scaling.sample", run_copy / "checkpoints" / "step_4")
+    assert "checksum mismatch" in one_line_error(s)
+
+
+# --- clean-up never deletes good work ------------------------------------------------------
+
+def test_a_damaged_newer_checkpoint_is_set_aside_never_counted_nor_overwritten(run_copy, data_root):
+    step4 = run_copy / "checkpoints" / "step_4"
+    flip_byte(next(step4.glob("*.distcp")))
+    damaged = snapshot(step4)
+    train_cli(data_root, run_copy, "--train.max_steps=6", "--checkpoint.every=2", "--checkpoint.keep=1",
+              check=True)
+    aside = run_copy / "checkpoints" / "step_4.damaged"
+    assert {p.name: v for p, v in snapshot(aside).items()} == {p.name: v[0:1] + v[1:] for p, v in damaged.items()}
+    assert [p.name for p in checkpoints(run_copy)] == ["step_6"]
+
+
+def test_keep_1_never_deletes_the_checkpoint_just_written(run_copy, data_root):
+    # Resume explicitly from the older step 2 while step 4 exists: the new step 3 is older than
+    # step 4, yet it is the one this run just wrote.
+    train_cli(data_root, run_copy, "--train.max_steps=3", "--checkpoint.keep=1",
+              f"--checkpoint.resume={run_copy / 'checkpoints' / 'step_2'}", check=True)
+    assert [p.name for p in checkpoints(run_copy)] == ["step_3", "step_4"]
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_another_run(run_copy, data_root):
+    before = snapshot(run_copy)
+    line = one_line_error(train_cli(data_root, run_copy, "--checkpoint.resume=none"))
+    assert "logging.run_dir" in line and "already holds a run" in line
+    assert snapshot(run_copy) == before
+
+
+# --- one run per run folder --------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(data_root, tmp_path):
+    first = start(command("single", data_root, tmp_path, "--train.max_steps=100000", "--logging.every=1"))
+    try:
+        while not (tmp_path / "metrics.jsonl").is_file():
+            assert first.poll() is None
+            time.sleep(0.05)
+        line = one_line_error(train_cli(data_root, tmp_path))
+        assert "is in use by a running run" in line and f"pid {first.pid}" in line
+    finally:
+        kill_all(first)
+    # The holder died without cleaning up: its lock went with it.
+    p = train_cli(data_root, tmp_path, "--train.max_steps=2", "--checkpoint.resume=auto")
+    assert p.returncode == 0, p.stderr
+
+
+# --- a hung or dead rank ends the job ------------------------------------------------------
+
+def test_a_stopped_rank_ends_the_others_within_the_timeout_even_with_a_save_in_flight(data_root, tmp_path):
+    timeout_s = 10
+    p = start(command("fsdp2", data_root, tmp_path, "--train.max_steps=100000", "--checkpoint.every=1",
+                      "--checkpoint.keep=2", f"--parallel.timeout_s={timeout_s}", "--logging.every=1"))
+    stopped = None
+    try:
+        root = tmp_path / "checkpoints"
+        deadline = time.time() + 120
+        # SIGSTOP rank 1 while a background save is in flight (a .tmp folder exists).
+        while stopped is None:
+            assert p.poll() is None and time.time() < deadline
+            if len(checkpoints(tmp_path)) >= 2 and list(root.glob("step_*.tmp")):
+                r0, stopped = worker_pid(p.pid, 0), worker_pid(p.pid, 1)
+                os.kill(stopped, signal.SIGSTOP)
+        t0 = time.time()
+        while Path(f"/proc/{r0}").exists() and Path(f"/proc/{r0}/stat").read_text().split()[2] != "Z":
+            assert time.time() - t0 < timeout_s + 15, "rank 0 is still running"
+            time.sleep(0.1)
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGKILL)
+        out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert "another rank died or hung past parallel.timeout_s" in out
+    load_model(newest_complete(tmp_path))  # the newest complete checkpoint still loads
+
+
+# --- the run folder: a file, read-only, full ---------------------------------------------------
+
+def test_a_run_dir_that_is_a_file_is_one_line(data_root, tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert "is a file" in one_line_error(train_cli(data_root, tmp_path / "f"))
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(options) -> a fresh tmpfs folder; needs root, as in CI."""
+    points = []
+
+    def make(options):
+        point = tmp_path / f"mnt{len(points)}"
+        point.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        if p.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
+        points.append(point)
+        return point
+    yield make
+    for point in points:
+        subprocess.run(["umount", str(point)])
+
+
+def test_a_read_only_run_folder_is_one_line(data_root, mount):
+    point = mount("ro,size=1m")
+    line = one_line_error(train_cli(data_root, point / "run"))
+    assert "cannot write to" in line and "read-only" in line
+
+
+def test_disk_full_says_so_and_keeps_the_previous_checkpoint(data_root, mount):
+    point = mount("size=6m")  # a checkpoint of the tiny model with its optimizer is ~1.9 MB
+    run_dir = point / "run"
+    line = one_line_error(train_cli(data_root, run_dir, "--train.max_steps=50", "--checkpoint.every=1",
+                                    "--checkpoint.keep=0"))
+    assert "no space left on device" in line
+    newest = newest_complete(run_dir, report=lambda *_: None)
+    assert newest is not None and not list((run_dir / "checkpoints").glob("*.tmp"))
+    load_model(newest)
+
+
+# --- bad input caught before training ----------------------------------------------------------
+
+def test_a_sample_prompt_the_tokenizer_cannot_encode_is_refused_before_training(tmp_path):
+    from scaling.prepare import SplitWriter, write_meta
+    from scaling.tokenizer import CharTokenizer
+    text = "abcde fghij\n" * 200
+    tok = CharTokenizer("".join(sorted(set(text))))
+    out = tmp_path / "data" / "chars"
+    out.mkdir(parents=True)
+    splits = {}
+    for split in ("train", "val"):
+        w = SplitWriter(out, split, tok.vocab_size)
+        w.write(tok.encode(text))
+        splits[split] = w.close()
+    write_meta(out, tok, splits, source="test", chars=tok.chars)
+    p = run_module("scaling.train", TINY, f"--data.root={tmp_path / 'data'}", "--data.dataset=chars",
+                   f"--logging.run_dir={tmp_path / 'run'}", "--logging.sample_tokens=5",
+                   "--logging.sample_prompt=XYZ")
+    assert "logging.sample_prompt" in one_line_error(p)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --- loss-spike guard --------------------------------------------------------------------------
+
+def test_spike_guard_skips_a_norm_far_above_its_recent_history():
+    import torch
+    guard = SpikeGuard(zscore=6, window=50)
+    norms = [1.0 + 0.01 * (i % 5) for i in range(30)]
+    assert not any(guard.is_spike(torch.tensor(x)) for x in norms)
+    assert guard.is_spike(torch.tensor(5.0)) and guard.skipped == 1
+    assert guard.norms[-1] != 5.0  # a skipped norm does not become history
+    assert not guard.is_spike(torch.tensor(1.02))
+
+
+def test_spike_guard_is_off_by_default():
+    import torch
+    guard = SpikeGuard(zscore=0, window=50)
+    assert not any(guard.is_spike(torch.tensor(x)) for x in [1.0] * 20 + [1e6])
+
+
+def test_spike_guard_history_survives_a_resume(data_root, tmp_path):
+    # strict (skips often); a schedule that does not depend on max_steps
+    guard = ["--train.spike_zscore=0.5", "--train.spike_window=4", "--optim.decay_steps=14"]
+    whole = train_cli(data_root, tmp_path / "whole", "--train.max_steps=16", *guard, check=True)
+    assert "is a spike" in whole.stdout
+    train_cli(data_root, tmp_path / "cut", "--train.max_steps=8", *guard, check=True)
+    train_cli(data_root, tmp_path / "cut", "--train.max_steps=16", *guard, check=True)
+    assert losses_by_step(tmp_path / "cut") == losses_by_step(tmp_path / "whole")
+    skips = lambda d: [r["spike_skips"] for r in read_metrics(d) if "loss" in r][-1]
+    assert skips(tmp_path / "cut") == skips(tmp_path / "whole") > 0
