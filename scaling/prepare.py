@@ -5,7 +5,8 @@ parquet file or `datasets` folder given with --input) to documents per split; on
 tokenizes them in batches on every core (a pool of worker processes for GPT-2 BPE), appends the
 end-of-text token per document, and streams the ids into shards of SHARD_TOKENS tokens, so
 memory stays bounded whatever the corpus size. meta.json is written last and marks a complete
-dataset.
+dataset. Everything is written into a staging folder beside the output and moved in only once
+complete: a bad input, an error or a kill never costs the dataset already there.
 
 The embedded corpus lives here too: the Python standard library's own source, present on every
 machine that runs this code, so the demo needs no download.
@@ -17,14 +18,16 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
+import shutil
 import sysconfig
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
 
-from scaling.data import TokenWriter, token_dtype
+from scaling.config import die
+from scaling.data import DataError, TokenWriter, load_meta, token_dtype
 from scaling.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
 
 SHARD_TOKENS = 100_000_000  # tokens per file before a split starts its next file
@@ -91,36 +94,64 @@ def write_dataset(out_dir: str | Path, tokenizer, docs, source: str, workers: in
 
     Documents go to the encoder in batches of about batch_chars characters; up to two batches
     per worker are in flight while the oldest finished one is written, in input order. Memory
-    holds those batches, never the corpus.
+    holds those batches, never the corpus. The files go to a staging folder beside out_dir (the
+    same filesystem, so moving them is a rename) and replace out_dir's only when complete.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
+    staging = out_dir.resolve().with_name(f".{out_dir.resolve().name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    staging.mkdir(parents=True)
     writers = {}
     bar = progress(total_docs, f"tokenizing {out_dir.name}")
 
     def write(splits, job):
         for split, ids in zip(splits, job.get()):
             if split not in writers:
-                writers[split] = SplitWriter(out_dir, split, tokenizer.vocab_size, shard_tokens)
+                writers[split] = SplitWriter(staging, split, tokenizer.vocab_size, shard_tokens)
             writers[split].write(ids)
         bar.update(len(splits))
         bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
 
-    in_flight = collections.deque()
-    with Encoder(tokenizer, workers or os.cpu_count() or 1, eot) as encoder:
-        for batch in batches(docs, batch_chars):
-            in_flight.append(([split for split, _ in batch], encoder.submit([text for _, text in batch])))
-            if len(in_flight) > encoder.depth:
+    try:
+        in_flight = collections.deque()
+        with Encoder(tokenizer, workers or os.cpu_count() or 1, eot) as encoder:
+            for batch in batches(docs, batch_chars):
+                in_flight.append(([split for split, _ in batch], encoder.submit([text for _, text in batch])))
+                if len(in_flight) > encoder.depth:
+                    write(*in_flight.popleft())
+            while in_flight:
                 write(*in_flight.popleft())
-        while in_flight:
-            write(*in_flight.popleft())
-    bar.close()
-    splits = {s: w.close() for s, w in writers.items()}
-    for needed in ("train", "val"):
-        if needed not in splits:
-            raise ValueError(f"no documents for the {needed} split: is the input empty?")
-    return write_meta(out_dir, tokenizer, splits, source, **extra)
+        bar.close()
+        splits = {s: w.close() for s, w in writers.items()}
+        for needed in ("train", "val"):
+            s = splits.get(needed, {"tokens": 0, "documents": 0})
+            if s["tokens"] <= (s["documents"] if eot and tokenizer.eot is not None else 0):  # end-of-text only
+                raise ValueError(f"no text for the {needed} split: is the input empty?")
+        meta = write_meta(staging, tokenizer, splits, source, **extra)
+    except BaseException:  # an error or Ctrl-C: out_dir was never touched
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, out_dir)
+    return meta
+
+
+def publish(staging: Path, out_dir: Path):
+    """Move a complete dataset from staging into out_dir, replacing the one there. Only renames
+    on one filesystem, a few milliseconds: the old meta.json goes first, so that no reader ever
+    sees old and new files mixed, the new meta.json last. out_dir's other files (prepare.py, a
+    download) stay."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        old = [f for s in load_meta(out_dir)["splits"].values() for f in s["files"]]
+    except DataError:  # none, or unreadable: nothing to remove
+        old = []
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    new = {f.name for f in staging.iterdir()}
+    for name in set(old) - new:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in sorted(new - {"meta.json"}) + ["meta.json"]:
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
 
 
 def batches(docs, max_chars: int):
@@ -203,8 +234,19 @@ def progress(total, desc):
 def read_text(path: str | Path) -> str:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"input not found: {path}")
-    return p.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"{path}: not a file" if p.exists() else f"input not found: {path}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# Connection failures as datasets, huggingface_hub and urllib raise them (tiktoken's: tokenizer.py).
+NETWORK_ERRORS = (ConnectionError, TimeoutError, urllib.error.URLError)
+
+
+def no_network(what: str, e: Exception) -> ConnectionError:
+    return ConnectionError(f"no network: cannot download {what} ({e}); prepare from a local file with --input PATH")
 
 
 def load_documents(path: str | Path, text_field: str = "text"):
@@ -212,18 +254,25 @@ def load_documents(path: str | Path, text_field: str = "text"):
     .json, .parquet, or a folder written by `Dataset.save_to_disk`."""
     import datasets
     p = Path(path)
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-    elif not p.is_file():
-        raise FileNotFoundError(f"input not found: {path}")
-    elif p.suffix == ".txt":
-        ds = datasets.load_dataset("text", data_files=str(p), sample_by="document", split="train")
-    elif p.suffix in (".jsonl", ".json"):
-        ds = datasets.load_dataset("json", data_files=str(p), split="train")
-    elif p.suffix == ".parquet":
-        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-    else:
-        raise ValueError(f"{path}: unsupported input (.txt, .jsonl, .json, .parquet or a datasets folder)")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")  # datasets would fail on it with a bare StopIteration
+    try:
+        if p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+        elif not p.is_file():
+            raise FileNotFoundError(f"input not found: {path}")
+        elif p.suffix == ".txt":
+            ds = datasets.load_dataset("text", data_files=str(p), sample_by="document", split="train")
+        elif p.suffix in (".jsonl", ".json"):
+            ds = datasets.load_dataset("json", data_files=str(p), split="train")
+        elif p.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+        else:
+            raise ValueError(f"{path}: unsupported input (.txt, .jsonl, .json, .parquet or a datasets folder)")
+    except datasets.exceptions.DatasetsError as e:  # a malformed row, not UTF-8: the cause says which
+        raise ValueError(f"{path}: cannot read it ({e.__cause__ or e})") from None
+    except ValueError as e:  # pyarrow's errors for a file that is not what its suffix says
+        raise ValueError(e if str(path) in str(e) else f"{path}: cannot read it ({e})") from None
     names = ds.column_names if isinstance(ds, datasets.Dataset) else next(iter(ds.values())).column_names
     if text_field not in names:
         raise ValueError(f"{path}: no '{text_field}' column (columns: {', '.join(names)})")
@@ -235,6 +284,8 @@ def split_documents(ds, val_fraction: float, seed: int = 2357, text_field: str =
     a seeded random val_fraction of the documents (nanoGPT's recipe for OpenWebText)."""
     import datasets
     if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"the datasets folder has no 'train' split (splits: {', '.join(ds)})")
         val_name = next((n for n in ("val", "validation", "test") if n in ds), None)
         if val_name is not None:
             parts = {"train": ds["train"], "val": ds[val_name]}
@@ -252,6 +303,8 @@ def split_documents(ds, val_fraction: float, seed: int = 2357, text_field: str =
         for split, d in parts.items():
             for rows in d.iter(batch_size=1024):
                 for text in rows[text_field]:
+                    if not isinstance(text, str):  # null or a number: a broken row, not a document
+                        raise ValueError(f"a '{text_field}' value in the {split} split is {text!r}, not text")
                     yield split, text
     return gen(), total
 
@@ -269,8 +322,13 @@ def shakespeare_text(a) -> str:
     raw = Path(a.out) / "input.txt"
     if not raw.is_file():
         raw.parent.mkdir(parents=True, exist_ok=True)
-        urllib.request.urlretrieve(SHAKESPEARE_URL, raw)
-    return raw.read_text(encoding="utf-8")
+        tmp = raw.with_name(raw.name + ".tmp")  # a broken download never looks complete
+        try:
+            urllib.request.urlretrieve(SHAKESPEARE_URL, tmp)
+        except NETWORK_ERRORS as e:
+            raise no_network(SHAKESPEARE_URL, e) from None
+        tmp.replace(raw)
+    return read_text(raw)
 
 
 def first_90_percent(text: str):
@@ -296,7 +354,11 @@ def hub_or_local(a, hub_name: str, **hub_kwargs):
     if a.input:
         return load_documents(a.input), a.input
     import datasets
-    return datasets.load_dataset(hub_name, num_proc=a.workers, **hub_kwargs), f"huggingface.co/datasets/{hub_name}"
+    try:
+        ds = datasets.load_dataset(hub_name, num_proc=a.workers, **hub_kwargs)
+    except NETWORK_ERRORS as e:
+        raise no_network(hub_name, e) from None
+    return ds, f"huggingface.co/datasets/{hub_name}"
 
 
 def prepare_openwebtext(a) -> dict:
@@ -341,17 +403,22 @@ def main(name: str | None = None, argv=None):
         ap.add_argument("name", choices=list(DATASETS))
     ap.add_argument("--input", help="local .txt / .jsonl / .parquet file or datasets folder instead of the download")
     ap.add_argument("--out", help="output folder (default data/<name>)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer / download processes")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer / download processes")
     ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+    ap.error = die  # one line, like every bad input, not argparse's usage block
     a = ap.parse_args(argv)
     name = name or a.name
     a.out = a.out or str(Path("data") / name)
+    for opt, value in (("--workers", a.workers), ("--shard-tokens", a.shard_tokens)):
+        if value < 1:
+            die(f"{opt}: must be >= 1, got {value}")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        die(f"--out: {a.out} is a file, not a folder")
     t0 = time.perf_counter()
     try:
         meta = DATASETS[name][0](a)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (OSError, ValueError) as e:  # bad input, no network, disk full: the dataset in --out is kept
+        die(str(e))
     counts = ", ".join(f"{s} {v['tokens']:,} tokens in {len(v['files'])} file(s)" for s, v in meta["splits"].items())
     print(f"{name}: {counts} -> {a.out} ({time.perf_counter() - t0:.1f}s)")
 

@@ -60,7 +60,12 @@ class GPT2Tokenizer:
 
     def __init__(self):
         import tiktoken
-        self.enc = tiktoken.get_encoding("gpt2")
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except OSError as e:  # requests' errors are OSErrors: no network and no cached files
+            raise ConnectionError(f"no network: tiktoken cannot fetch GPT-2's BPE files ({type(e).__name__}); "
+                                  "offline, run python -m scaling.tokenizer --cache DIR --from BPE_DIR and "
+                                  "export TIKTOKEN_CACHE_DIR=DIR") from None
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)

@@ -110,11 +110,19 @@ def test_a_saved_datasets_folder_keeps_its_own_validation_split(tmp_path):
     assert (s["train"]["documents"], s["val"]["documents"]) == (50, 7)
 
 
+def write(name, text):
+    return lambda d: (d / name).write_text(text) and d / name
+
+
 @pytest.mark.parametrize("make_input, message", [
     (lambda d: d / "missing.jsonl", "input not found"),
-    (lambda d: (d / "x.csv").write_text("a,b") and d / "x.csv", "unsupported input"),
-    (lambda d: (d / "x.jsonl").write_text('{"body": "hi"}\n{"body": "yo"}\n') and d / "x.jsonl", "no 'text' column"),
-])
+    (write("x.csv", "a,b"), "unsupported input"),
+    (write("x.jsonl", '{"body": "hi"}\n{"body": "yo"}\n'), "no 'text' column"),
+    (lambda d: (d / "x.jsonl").touch() or d / "x.jsonl", "x.jsonl: empty file"),
+    (write("x.jsonl", '{"text": "a"}\n{bad\n'), "x.jsonl: cannot read it (JSON parse error"),
+    (write("x.jsonl", '{"text": null}\n{"text": "a"}\n{"text": "b"}\n'), "'text' value in the"),
+    (write("x.jsonl", '{"text": ""}\n{"text": ""}\n'), "no text for the train split"),
+], ids=["missing", "csv", "no-text-column", "empty", "malformed", "null-text", "only-empty-texts"])
 def test_bad_input_is_a_one_line_error_and_leaves_no_dataset(make_input, message, tmp_path):
     p = run_script("openwebtext", "--input", make_input(tmp_path), "--out", tmp_path / "out", check=False)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
@@ -122,3 +130,80 @@ def test_bad_input_is_a_one_line_error_and_leaves_no_dataset(make_input, message
     assert p.returncode == 2 and len(errors) == 1 and message in errors[0], p.stderr
     assert p.stderr.splitlines()[-1] == errors[0]
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+# Preparing never costs the dataset already in --out: bad input, no network or a kill leave it as it was.
+
+def snapshot(folder):
+    """Every file under folder: its bytes and its modification time."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_empty_input_exits_2_and_leaves_the_prepared_dataset_byte_identical(tmp_path):
+    run_script("shakespeare_char", "--input", SHAKESPEARE, "--out", tmp_path / "out")
+    before = snapshot(tmp_path / "out")
+    (tmp_path / "empty.txt").write_text("")
+    p = run_script("shakespeare_char", "--input", tmp_path / "empty.txt", "--out", tmp_path / "out", check=False)
+    assert p.returncode == 2 and p.stderr == "error: no text for the train split: is the input empty?\n", p.stderr
+    assert snapshot(tmp_path / "out") == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["empty.txt", "out"]  # no staging folder left
+
+
+def test_the_new_dataset_is_written_beside_out_and_moved_in_only_when_complete(tmp_path):
+    from scaling.prepare import write_dataset
+    from scaling.tokenizer import ByteTokenizer
+    out = tmp_path / "out"
+    write_dataset(out, ByteTokenizer(), [("train", "old train"), ("val", "old val")], source="old")
+    before = snapshot(out)
+    seen = {}
+
+    def docs():  # a preparation that is killed after writing part of its files
+        for i in range(50):
+            yield ("val" if i % 10 == 0 else "train"), "new document " * 100
+        seen["out"], seen["staging"] = snapshot(out), snapshot(tmp_path / ".out.partial")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(out, ByteTokenizer(), docs(), source="new", batch_chars=1000, shard_tokens=20_000)
+    assert seen["out"] == before and len(seen["staging"]) >= 3  # new shards were being written beside
+    assert snapshot(out) == before and not (tmp_path / ".out.partial").exists()
+
+
+def test_a_new_dataset_replaces_the_old_files_and_keeps_the_others(tmp_path):
+    from scaling.prepare import write_dataset
+    from scaling.tokenizer import ByteTokenizer
+    out = tmp_path / "out"
+    write_dataset(out, ByteTokenizer(), [("train", "x" * 50_000), ("val", "y")], source="old", shard_tokens=10_000)
+    (out / "prepare.py").write_text("# the script lives in data/<name>/ too\n")
+    write_dataset(out, ByteTokenizer(), [("train", "z" * 15_000), ("val", "w")], source="new", shard_tokens=10_000)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "prepare.py", "train_000000.bin",
+                                                     "train_000001.bin", "val_000000.bin"]
+    assert load_meta(out)["source"] == "new" and tokens(out, "train")[:1] == [ord("z")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "error: --workers: must be >= 1, got 0"),
+    (["--shard-tokens", "0"], "error: --shard-tokens: must be >= 1, got 0"),  # would loop forever
+    (["--workers", "x"], "error: argument --workers: invalid int value: 'x'"),
+], ids=["workers-0", "shard-tokens-0", "workers-not-int"])
+def test_bad_option_is_one_line_naming_it(args, message, tmp_path):
+    p = run_script("shakespeare", "--input", SHAKESPEARE, "--out", tmp_path / "out", *args, check=False)
+    assert p.returncode == 2 and p.stderr == message + "\n", p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_network_is_one_line_pointing_at_input(tmp_path):
+    p = run_script("openwebtext", "--out", tmp_path / "out", check=False)  # conftest sets HF_DATASETS_OFFLINE=1
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("error: no network: cannot download Skylion007/openwebtext")
+    assert p.stderr.endswith("prepare from a local file with --input PATH\n")
+
+
+def test_gpt2_bpe_files_unreachable_is_a_connection_error_saying_how_to_work_offline(monkeypatch):
+    import requests
+    from scaling.tokenizer import GPT2Tokenizer
+
+    def unreachable(name):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", unreachable)
+    with pytest.raises(ConnectionError, match="no network: tiktoken cannot fetch GPT-2's BPE files .* TIKTOKEN_CACHE_DIR"):
+        GPT2Tokenizer()
