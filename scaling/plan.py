@@ -31,7 +31,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from scaling.config import Config, ConfigError, load_config
+from scaling.config import Config, ConfigError, die, load_config
 from scaling.model import GPT, gpt_config
 
 GPUS = {"a100": (312e12, 80), "h100": (989e12, 80), "h200": (989e12, 141), "a10g": (125e12, 24),
@@ -197,8 +197,22 @@ def measure(cfg: Config, gpus: int, vocab_size: int = 50257) -> list[int]:
 
 
 def parse_gb(text: str) -> float:
-    t = text.strip().upper().removesuffix("B").removesuffix("G")
-    return float(t)
+    try:
+        gb = float(text.strip().upper().removesuffix("B").removesuffix("G"))
+    except ValueError:
+        gb = 0
+    if not 0 < gb < math.inf:  # nan fails this too
+        raise ValueError(f"--gpu-mem: expected a size like 80GB, got {text!r}")
+    return gb
+
+
+def check_args(a):
+    """The numbers plan() divides by and counts with; argparse checks only their types."""
+    for opt, value in (("--gpus", a.gpus), ("--vocab-size", a.vocab_size)):
+        if value < 1:
+            raise ValueError(f"{opt}: must be >= 1, got {value}")
+    if not 0 < a.mfu <= 1:
+        raise ValueError(f"--mfu: must be in (0, 1] (a fraction of peak), got {a.mfu}")
 
 
 def main(argv=None):
@@ -211,13 +225,14 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="plan a CPU run instead")
     ap.add_argument("--vocab-size", type=int, default=50257, help="when the recipe leaves it to the dataset")
     ap.add_argument("--measure", action="store_true", help="also count each rank's real shard (CPU processes)")
+    ap.error = die  # one line, like every bad input, not argparse's usage block
     a, a.overrides = ap.parse_known_args(argv)  # the rest: --section.key=value overrides
     try:
+        check_args(a)
         cfg = load_for_world(a.recipe, a.gpus, a.overrides)
         r = plan(cfg, a.gpus, a.gpu, parse_gb(a.gpu_mem) if a.gpu_mem else None, a.mfu, a.device, a.vocab_size)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        die(str(e))
     print(report(cfg, r, a.gpus, a.gpu, a.mfu))
     if a.measure:
         cfg.parallel.compile = False

@@ -108,3 +108,20 @@ def test_planned_peak_memory_of_a_cpu_run_is_within_20_percent_of_its_peak_rss(d
     predicted = plan(cfg, 1, "h100", None, 0.4, "cpu", vocab_size=257)["total"]
     print(f"CPU run, baby shape, micro batch 32: predicted {predicted / 1e9:.2f} GB, peak RSS {measured / 1e9:.2f} GB")
     assert predicted == pytest.approx(measured, rel=0.2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "0"], "--gpus: must be >= 1, got 0"),
+    (["--gpus=-4"], "--gpus: must be >= 1, got -4"),
+    (["--gpus", "8", "--gpu-mem", "lots"], "--gpu-mem: expected a size like 80GB, got 'lots'"),
+    (["--gpus", "8", "--gpu-mem", "0GB"], "--gpu-mem: expected a size like 80GB, got '0GB'"),
+    (["--gpus", "8", "--mfu", "0"], "--mfu: must be in (0, 1] (a fraction of peak), got 0.0"),
+    (["--gpus", "8", "--mfu", "1.5"], "--mfu: must be in (0, 1] (a fraction of peak), got 1.5"),
+    (["--gpus", "8", "--vocab-size", "0"], "--vocab-size: must be >= 1, got 0"),
+    (["--gpus", "x"], "argument --gpus: invalid int value: 'x'"),
+], ids=["gpus-0", "gpus-negative", "gpu-mem-garbage", "gpu-mem-0", "mfu-0", "mfu-above-1", "vocab-0", "gpus-not-int"])
+def test_bad_plan_argument_exits_2_with_one_line_naming_it(args, message, capsys):
+    from scaling.plan import main
+    with pytest.raises(SystemExit) as e:
+        main([str(ROOT / "recipes" / "gpt2_124m_fsdp.yaml"), *args])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
