@@ -13,12 +13,16 @@ nn.Linear with q, k and v apart.
 
 import argparse
 import json
-import sys
+import os
+import pickle
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from scaling.config import die
 from scaling.model import GPTConfig
 
 def _pairs(n_layer: int):
@@ -89,20 +93,39 @@ def hf_config(c: GPTConfig) -> dict:
             "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
 
 
+SOURCES = "our checkpoint or run folder or .pt, a Hugging Face GPT-2 folder or a nanoGPT ckpt.pt"
+# What reading a file that is not a checkpoint raises, from json, torch.load's unpickler, safetensors,
+# DCP, our configs and the converters' lookups of the tensors they need.
+NOT_WEIGHTS = (OSError, EOFError, ValueError, KeyError, TypeError, AssertionError, RuntimeError,
+               pickle.UnpicklingError, SafetensorError)
+
+
 def read_weights(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
-    """(our state dict, its shape) from any supported source; see the module docstring."""
-    p = Path(src)
+    """(our state dict, its shape) from any supported source; see the module docstring. Anything
+    else is one ValueError naming src and what it should have been (FileNotFoundError if missing)."""
+    if not Path(src).exists():
+        raise FileNotFoundError(f"{src}: not found (expected {SOURCES})")
+    try:
+        sd, cfg = _read_weights(Path(src))
+        check_tensors(sd, cfg)
+    except NOT_WEIGHTS as e:
+        why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{src}: cannot read weights ({why}); expected {SOURCES}") from None
+    return sd, cfg
+
+
+def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
     if p.is_dir() and (p / "config.json").is_file():  # Hugging Face
         c = json.loads((p / "config.json").read_text())
         if (p / "model.safetensors").is_file():
             from safetensors.torch import load_file
             hf = load_file(p / "model.safetensors")
         elif (p / "pytorch_model.bin").is_file():
-            hf = torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            hf = _torch_load(p / "pytorch_model.bin")
         else:
-            raise FileNotFoundError(f"{src}: neither model.safetensors nor pytorch_model.bin")
+            raise FileNotFoundError("config.json but neither model.safetensors nor pytorch_model.bin")
         if c.get("bias") is False:  # not a GPT-2 option; refuse rather than guess
-            raise ValueError(f"{src}: unsupported config")
+            raise ValueError("unsupported config: bias=false")
         cfg = GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                         block_size=c["n_positions"], vocab_size=c["vocab_size"])
         return hf_to_ours(hf, cfg.n_layer), cfg
@@ -110,9 +133,7 @@ def read_weights(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
         from scaling.checkpoint import load_model
         model, _, _ = load_model(p)
         return {k: v.detach() for k, v in model.state_dict().items()}, model.cfg
-    if not p.is_file():
-        raise FileNotFoundError(f"{src}: not found")
-    ck = torch.load(p, map_location="cpu", weights_only=True)
+    ck = _torch_load(p)
     if isinstance(ck, dict) and "gpt_config" in ck:  # ours, consolidated
         return {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}, GPTConfig(**ck["gpt_config"])
     if isinstance(ck, dict) and "model_args" in ck:  # nanoGPT
@@ -120,41 +141,87 @@ def read_weights(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
         cfg = GPTConfig(n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"], block_size=a["block_size"],
                         vocab_size=a["vocab_size"], dropout=a.get("dropout", 0.0), bias=a.get("bias", True))
         return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg
-    raise ValueError(f"{src}: not a checkpoint this tool knows (ours, Hugging Face GPT-2 or nanoGPT)")
+    raise ValueError(f"a {type(ck).__name__} without 'gpt_config' or 'model_args'")
+
+
+def _torch_load(path: Path):
+    try:
+        with warnings.catch_warnings(action="ignore"):  # e.g. a foreign pickle's protocol: the error says enough
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except NOT_WEIGHTS:  # its own messages (a bare KeyError: 101 for a text file) would say nothing
+        raise ValueError("not a PyTorch file of tensors") from None
+
+
+def check_tensors(sd: dict[str, torch.Tensor], cfg: GPTConfig):
+    """Exactly the tensors, and shapes, of a GPT of shape cfg: what passes here loads without error."""
+    from scaling.model import GPT
+    with torch.device("meta"):
+        want = GPT(cfg).state_dict()
+    for k, v in want.items():
+        if k not in sd:
+            raise ValueError(f"no tensor {k}")
+        if not isinstance(sd[k], torch.Tensor) or sd[k].shape != v.shape:
+            raise ValueError(f"{k} has shape {tuple(getattr(sd[k], 'shape', ()))}, its config wants {tuple(v.shape)}")
+    extra = [k for k in sd if k not in want]
+    if extra:
+        raise ValueError(f"unexpected tensor {extra[0]}")
 
 
 def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, to: str):
+    """Each file is written under a temporary name and renamed when complete: an error or a kill
+    midway leaves whatever dst held before."""
     dst = Path(dst)
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     if to == "hf":
         from safetensors.torch import save_file
+        if not cfg.bias:  # GPT2LMHeadModel would fill the missing biases with random values
+            raise ValueError("--to hf: Hugging Face GPT-2 always has biases, this model has bias=False "
+                             "(--to nanogpt or --to pt keep it)")
         dst.mkdir(parents=True, exist_ok=True)
         hf = ours_to_hf(sd, cfg.n_layer)
         hf.pop("lm_head.weight")  # tied: Hugging Face re-ties it from wte on load
-        save_file(hf, dst / "model.safetensors", metadata={"format": "pt"})
-        (dst / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+        _replace(dst / "model.safetensors", lambda t: save_file(hf, t, metadata={"format": "pt"}))
+        _replace(dst / "config.json", lambda t: t.write_text(json.dumps(hf_config(cfg), indent=2)))
     elif to == "nanogpt":
         args = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
                                             "dropout")}
-        torch.save({"model": ours_to_nanogpt(sd, cfg.n_layer), "model_args": args, "iter_num": 0,
-                    "best_val_loss": float("inf"), "config": {}}, dst)
+        ck = {"model": ours_to_nanogpt(sd, cfg.n_layer), "model_args": args, "iter_num": 0,
+              "best_val_loss": float("inf"), "config": {}}
+        _replace(dst, lambda t: torch.save(ck, t))
     else:
         sd.pop("lm_head.weight", None)  # tied to wte.weight
-        torch.save({"model": sd, "gpt_config": asdict(cfg)}, dst)
+        _replace(dst, lambda t: torch.save({"model": sd, "gpt_config": asdict(cfg)}, t))
+
+
+def _replace(path: Path, write):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    open(tmp, "wb").close()  # an OSError naming the file, not torch.save's RuntimeError
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.convert", description=__doc__.splitlines()[0])
+    ap.error = die  # one line, like every bad input, not argparse's usage block
     ap.add_argument("src", help="our checkpoint/run folder or .pt, a Hugging Face folder, or a nanoGPT ckpt.pt")
     ap.add_argument("dst")
     ap.add_argument("--to", choices=["hf", "nanogpt", "pt"], default="pt")
     a = ap.parse_args(argv)
+    dst = Path(a.dst)
+    if a.to == "hf" and dst.exists() and not dst.is_dir():
+        die(f"{a.dst}: is a file, --to hf writes a folder")
+    if a.to != "hf" and dst.is_dir():
+        die(f"{a.dst}: is a folder, --to {a.to} writes one file")
     try:
         sd, cfg = read_weights(a.src)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    write_weights(sd, cfg, a.dst, a.to)
+        write_weights(sd, cfg, dst, a.to)
+    except (OSError, ValueError) as e:
+        die(str(e))
     n = sum(v.numel() for k, v in sd.items() if k != "lm_head.weight")
     print(f"wrote {a.dst} ({a.to}, {cfg.n_layer} layers, {cfg.n_embd} wide, {n:,} parameters)")
 

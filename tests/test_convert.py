@@ -74,3 +74,71 @@ def test_init_from_with_another_shape_is_a_one_line_error(trained, data_root, tm
     p = run_module("scaling.train", *tiny_args(data_root, tmp_path, f"--model.init_from={trained}",
                                                "--model.n_layer=3"))
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "n_layer=2" in p.stderr, p.stderr
+
+
+# Anything that is not a checkpoint is one line naming the path and what was expected, exit 2.
+
+def not_weights(tmp_path, kind):
+    p = tmp_path / kind
+    if kind == "text.pt":
+        p.write_text("hello, world\n")
+    elif kind == "empty.pt":
+        p.touch()
+    elif kind == "folder":
+        p.mkdir()
+    elif kind == "list.pt":
+        torch.save([1, 2, 3], p)
+    elif kind == "partial.pt":  # ours, but a tensor short
+        torch.save({"model": {"wte.weight": torch.zeros(10, 8)},
+                    "gpt_config": dict(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10)}, p)
+    return p
+
+
+@pytest.mark.parametrize("kind, why", [
+    ("missing", "not found"),
+    ("text.pt", "cannot read weights (not a PyTorch file of tensors)"),
+    ("empty.pt", "cannot read weights (not a PyTorch file of tensors)"),
+    ("folder", "cannot read weights (no complete checkpoint in"),
+    ("list.pt", "cannot read weights (a list without 'gpt_config' or 'model_args')"),
+    ("partial.pt", "cannot read weights (no tensor wpe.weight)"),
+])
+def test_convert_of_what_is_not_a_checkpoint_exits_2_with_one_line_naming_it(kind, why, tmp_path, capsys):
+    from scaling.convert import main
+    src = not_weights(tmp_path, kind)
+    with pytest.raises(SystemExit) as e:
+        main([str(src), str(tmp_path / "out.pt")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {src}: {why}"), err
+    assert "expected our checkpoint or run folder or .pt, a Hugging Face GPT-2 folder or a nanoGPT ckpt.pt" in err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_init_from_an_empty_file_exits_2_with_one_line_naming_it(data_root, tmp_path):
+    (tmp_path / "empty.pt").touch()
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path / "run", f"--model.init_from={tmp_path / 'empty.pt'}"))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"error: model.init_from: {tmp_path / 'empty.pt'}: cannot read weights"), p.stderr
+
+
+def test_export_to_huggingface_refuses_a_model_without_biases(tmp_path):
+    from scaling.convert import write_weights
+    from scaling.model import GPT, GPTConfig
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10, bias=False)
+    with pytest.raises(ValueError, match="--to hf: Hugging Face GPT-2 always has biases"):
+        write_weights(GPT(cfg).state_dict(), cfg, tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_a_failed_export_leaves_the_file_already_at_dst(trained, tmp_path, monkeypatch):
+    from scaling.convert import write_weights
+    run_module("scaling.convert", trained, tmp_path / "ours.pt", check=True)
+    before = (tmp_path / "ours.pt").read_bytes()
+    sd, cfg = read_weights(tmp_path / "ours.pt")
+
+    def disk_full(obj, f):
+        open(f, "wb").write(b"half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_weights(sd, cfg, tmp_path / "ours.pt", "pt")
+    assert (tmp_path / "ours.pt").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ours.pt"]
