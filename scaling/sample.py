@@ -5,17 +5,33 @@ A run folder means its newest complete checkpoint.
 """
 
 import argparse
+import math
+from pathlib import Path
 
 import torch
 
-from scaling.config import die
-from scaling.config import ConfigError
+from scaling.config import ConfigError, die
 from scaling.distributed import pick_device
 from scaling.train import sample_text
 
 
+def check_args(a):
+    """What generate() would otherwise fail on deep inside, or silently do wrong (a negative
+    temperature samples the least likely tokens)."""
+    if not Path(a.path).is_dir():
+        die(f"{a.path}: {'not a folder' if Path(a.path).exists() else 'not found'} "
+            f"(expected a run folder or a checkpoint folder)")
+    for opt, value, least in (("--max-new-tokens", a.max_new_tokens, 0), ("--top-k", a.top_k, 1),
+                              ("--num-samples", a.num_samples, 1)):
+        if value < least:
+            die(f"{opt}: must be >= {least}, got {value}")
+    if not 0 <= a.temperature < math.inf:
+        die(f"--temperature: must be finite and >= 0 (0 is greedy), got {a.temperature}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.sample", description=__doc__.splitlines()[0])
+    ap.error = die  # one line, like every bad input, not argparse's usage block
     ap.add_argument("path", help="run folder or checkpoint folder")
     ap.add_argument("--prompt", default="\n")
     ap.add_argument("--max-new-tokens", type=int, default=200)
@@ -25,12 +41,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = ap.parse_args(argv)
+    check_args(a)
     from scaling.checkpoint import load_model
     try:
         device = pick_device(a.device)
         model, tok, _ = load_model(a.path, device=device)
-    except (FileNotFoundError, ValueError, ConfigError) as e:
+    except (OSError, ValueError, ConfigError) as e:  # OSError: no network for GPT-2's BPE files, too
         die(str(e))
+    try:
+        tok.encode(a.prompt)
+    except ValueError as e:  # the char tokenizer knows only its dataset's alphabet
+        die(f"--prompt: {e}")
     for i in range(a.num_samples):
         text = sample_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
                            seed=a.seed + i, device=device)

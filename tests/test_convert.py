@@ -142,3 +142,40 @@ def test_a_failed_export_leaves_the_file_already_at_dst(trained, tmp_path, monke
     with pytest.raises(OSError, match="No space left"):
         write_weights(sd, cfg, tmp_path / "ours.pt", "pt")
     assert (tmp_path / "ours.pt").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ours.pt"]
+
+
+# scaling.sample: its arguments are checked before generate() could fail on them (or sample
+# silently wrong: a negative temperature favours the least likely tokens).
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "-5"], "--max-new-tokens: must be >= 0, got -5"),
+    (["--temperature", "-1"], "--temperature: must be finite and >= 0 (0 is greedy), got -1.0"),
+    (["--top-k", "0"], "--top-k: must be >= 1, got 0"),
+    (["--num-samples", "0"], "--num-samples: must be >= 1, got 0"),
+], ids=["max-new-tokens", "temperature", "top-k", "num-samples"])
+def test_sample_bad_argument_exits_2_with_one_line_naming_it(args, message, trained, capsys):
+    from scaling.sample import main
+    with pytest.raises(SystemExit) as e:
+        main([str(trained), *args])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("kind, why", [("missing", "not found"), ("text.pt", "not a folder")])
+def test_sample_of_what_is_not_a_run_or_checkpoint_folder_exits_2_with_one_line_naming_it(kind, why, tmp_path, capsys):
+    from scaling.sample import main
+    src = not_weights(tmp_path, kind)
+    with pytest.raises(SystemExit) as e:
+        main([str(src)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {src}: {why} (expected a run folder or a checkpoint folder)\n"
+
+
+def test_sample_prompt_outside_the_char_alphabet_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    import scaling.checkpoint
+    from scaling.sample import main
+    from scaling.tokenizer import CharTokenizer
+    monkeypatch.setattr(scaling.checkpoint, "load_model", lambda path, device: (None, CharTokenizer("abc"), None))
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--prompt", "cab!"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: --prompt: character '!' is not in this dataset's alphabet\n"
