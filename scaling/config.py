@@ -104,6 +104,8 @@ class CheckpointConfig:
     keep_every: int = opt(0, "also keep every checkpoint whose step is a multiple of this, for good; 0: none")
     resume: str = opt("auto", "auto (newest complete in run_dir), none, or a checkpoint or run folder")
     async_save: bool = opt(True, "write checkpoints in the background while training continues")
+    verify: bool = opt(True, "verify a checkpoint's checksums before resuming from it (reads it once, "
+                       "in the background while the model is built)")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The run folder: what a run checks and claims before it writes anything there.
 
 Rank 0 alone decides (open_run), in this order, and nothing is written into the folder until
-every check has passed: the folder is a folder; the checkpoint to resume from (the newest whole,
-verified one) fits the current model; a fresh run does not land on top of another run's work;
+every check has passed: the folder is a folder; the checkpoint to resume from (the newest whole
+one; its checksums are verified in the background, see checkpoint.Verification) fits the current
+model; a fresh run does not land on top of another run's work;
 no other live run holds the folder (a POSIX lock, released by the kernel when its holder dies,
 also over NFS). Then config.yaml is written.
 """
@@ -53,6 +54,16 @@ def claim(run_dir: Path):
     _held[key] = f
 
 
+def check_fits(path: Path, cfg: Config, tokenizer: str, report=print):
+    """Refuse a checkpoint of another model shape; report every other change, one line each."""
+    refused, changed = checkpoint.compare_configs(path, cfg, tokenizer)
+    if refused:
+        raise ConfigError(f"checkpoint.resume: {path} was trained with another model or data shape: "
+                          f"{'; '.join(refused)} (change them back, or use another logging.run_dir)")
+    for line in changed:
+        report(f"resume: {line}")
+
+
 def open_run(cfg: Config, tokenizer: str, report=print) -> tuple[Path | None, str | None]:
     """(checkpoint to resume from or None, the run id it carries or None for a new run)."""
     run_dir = Path(cfg.logging.run_dir)
@@ -61,12 +72,7 @@ def open_run(cfg: Config, tokenizer: str, report=print) -> tuple[Path | None, st
     resume = checkpoint.resolve_resume(cfg, report=report)
     run_id = None
     if resume:
-        refused, changed = checkpoint.compare_configs(resume, cfg, tokenizer)
-        if refused:
-            raise ConfigError(f"checkpoint.resume: {resume} was trained with another model or data shape: "
-                              f"{'; '.join(refused)} (change them back, or use another logging.run_dir)")
-        for line in changed:
-            report(f"resume: {line}")
+        check_fits(resume, cfg, tokenizer, report)
         run_id = (checkpoint.read_manifest(resume) or {}).get("run")
     elif cfg.checkpoint.resume == "none" and (found := holds_run(run_dir)):
         raise ConfigError(f"logging.run_dir: {run_dir} already holds a run ({', '.join(found[:4])}); use "

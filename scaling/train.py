@@ -26,11 +26,11 @@ from scaling.checkpoint import CheckpointError
 from scaling.config import Config, ConfigError, die, main_with_config, to_dict
 from scaling.data import DataError, DataLoader, TokenWindows, load_meta
 from scaling.metrics import Metrics, Profiler, memory, peak_flops
-from scaling.model import GPT, GPTConfig, gpt_config
+from scaling.model import GPT, GPTConfig, gpt_config, param_seed
 from scaling.optim import build_optimizer, lr_at
 from scaling.parallel import ParallelDims, build_mesh, dp_rank, parallelize
 from scaling.prepare import prepare_embedded
-from scaling.rundir import open_run
+from scaling.rundir import check_fits, open_run
 from scaling.tokenizer import get_tokenizer
 
 USAGE = "python -m scaling.train RECIPE [--section.key=value ...]"
@@ -102,6 +102,21 @@ def build_model(cfg: Config, vocab_size: int, dims: ParallelDims, mesh, device) 
     model.tie_weights()  # to_empty() gives the LM head its own (empty) tensor again
     model.init_weights(cfg.train.seed)  # per-parameter seeds: identical weights under any layout
     return model
+
+
+def seed_dropout(seed: int, dims: ParallelDims, mesh, dp_mesh, sequence_parallel: bool):
+    """Seed the process's RNG, which draws the dropout masks, so that ranks holding the same
+    activations draw the same masks and ranks holding different ones draw different masks.
+
+    Data-parallel ranks hold different sequences: different seeds. Tensor-parallel ranks of one
+    data-parallel rank hold the same residual stream unless sequence parallelism splits it by
+    position, so without it they share a seed (else "replicated" LayerNorm weights would get
+    different gradients and drift apart); with it every rank differs. Attention dropout acts on
+    each rank's own heads; without sequence parallelism the TP ranks' heads then see the same
+    mask pattern (head h and head h + n_head/tp), a correlation between heads, not a bias.
+    """
+    tp_rank = mesh["tp"].get_local_rank() if dims.tp > 1 and sequence_parallel else 0
+    torch.manual_seed(param_seed(seed, f"dropout:dp{dp_rank(dp_mesh)}:tp{tp_rank}"))
 
 
 def load_pretrained(model, cfg: Config, log):
@@ -225,9 +240,11 @@ def train(cfg: Config) -> dict:
         check_prompt(tok, cfg.logging.sample_prompt)
     # Rank 0 verifies checkpoints, checks the run folder and claims it; every rank follows.
     resume, run_id = distributed.on_rank0(lambda: open_run(cfg, tokenizer_spec["name"], report=log))
+    # Rank 0 reads the whole checkpoint to verify it while every rank builds the model.
+    verification = checkpoint.Verification(resume if env.is_main else None, cfg.checkpoint.verify)
     run_dir = Path(cfg.logging.run_dir)
-    torch.manual_seed(t.seed + env.rank)  # dropout; weights and data order have their own streams
     mesh, dp_mesh = build_mesh(dims, device.type)
+    seed_dropout(t.seed, dims, mesh, dp_mesh, p.sequence_parallel)  # weights and data order have their own streams
 
     train_loader = DataLoader(TokenWindows(data_dir, "train", t.seq_len), t.micro_batch_size,
                               t.global_batch_size, dp_rank=dp_rank(dp_mesh), dp_size=dims.dp, seed=t.seed,
@@ -241,6 +258,9 @@ def train(cfg: Config) -> dict:
     syncs = dims.fsdp or dims.ddp
     guard = SpikeGuard(t.spike_zscore, t.spike_window)
     ckpt = checkpoint.Checkpointer(cfg, tokenizer_spec, run_id or checkpoint.new_run_id())
+    if resume:
+        resume = distributed.on_rank0(lambda: verification.confirm(
+            lambda p: check_fits(p, cfg, tokenizer_spec["name"], log), report=log))
     if resume:
         start, tokens = resume_from(ckpt, resume, model, optimizer, train_loader, guard, log)
     else:

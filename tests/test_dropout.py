@@ -1,0 +1,107 @@
+"""Dropout under every parallel layout: ranks that hold the same activations draw the same
+masks, ranks that hold different data or sequence positions draw different ones, and
+parameters replicated over tensor-parallel ranks get bit-identical gradients with dropout on.
+
+One torchrun of 4 processes walks through the layouts (each builds its own mesh and model the
+way scaling.train does) and writes what it saw; the test reads it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY
+
+PROBE = r'''
+import contextlib, json, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import loss_parallel
+from scaling.config import load_config
+from scaling.parallel import ParallelDims, build_mesh
+from scaling.train import build_model, loss_fn, seed_dropout
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+data_root, layouts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+result = {}
+for name, overrides in layouts.items():
+    cfg = load_config(sys.argv[4], [f"--data.root={data_root}", "--model.dropout=0.2", *overrides])
+    p = cfg.parallel
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
+    mesh, dp_mesh = build_mesh(dims, "cpu")
+    seed_dropout(cfg.train.seed, dims, mesh, dp_mesh, p.sequence_parallel)
+    draws = [torch.empty(4) for _ in range(world)]
+    dist.all_gather(draws, torch.rand(4))  # what each rank's next dropout draw starts from
+    model = build_model(cfg, 257, dims, mesh, torch.device("cpu"))
+    model.train()
+    g = torch.Generator().manual_seed(1000 + dp_mesh.get_local_rank())  # each data rank its own batch
+    xy = torch.randint(0, 257, (2, cfg.train.seq_len + 1), generator=g)
+    ctx = loss_parallel if dims.tp > 1 and p.loss_parallel else contextlib.nullcontext
+    with ctx():
+        loss_fn(model(xy[:, :-1]), xy[:, 1:]).backward()
+    # Every parameter replicated over the tp dimension: its gradient on each tp rank.
+    differ = []
+    for pname, prm in model.named_parameters():
+        grad = prm.grad
+        if isinstance(prm, DTensor):
+            if dims.tp == 1 or not isinstance(prm.placements[-1], Replicate):
+                continue
+            local = grad.to_local().contiguous()
+            group = mesh["tp"].get_group()
+        else:  # DDP: replicated over every rank
+            local, group = grad.contiguous(), None
+        got = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(got, local, group=group)
+        if not all(torch.equal(got[0], x) for x in got[1:]):
+            differ.append(f"{pname}: max diff {max((got[0] - x).abs().max().item() for x in got[1:]):.3g}")
+    result[name] = {"draws": [d.tolist() for d in draws], "tp": dims.tp, "sp": p.sequence_parallel,
+                    "differ": differ}
+    dist.barrier()
+if rank == 0:
+    with open(out, "w") as f:
+        json.dump(result, f)
+dist.destroy_process_group()
+'''
+
+LAYOUTS = {  # 4 processes each: (dp_replicate, dp_shard, tp) and sequence parallelism
+    "ddp4": ["--parallel.dp_replicate=4", "--parallel.dp_shard=1"],
+    "fsdp4": ["--parallel.dp_shard=4"],
+    "tp2_x_dp2": ["--parallel.tp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
+                  "--parallel.sequence_parallel=false"],
+    "tp2_sp_x_dp2": ["--parallel.tp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
+    "fsdp2_x_tp2": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.sequence_parallel=false"],
+    "fsdp2_x_tp2_sp": ["--parallel.dp_shard=2", "--parallel.tp=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def probe(data_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dropout")
+    (tmp / "probe.py").write_text(PROBE)
+    out = tmp / "result.json"
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                        str(tmp / "probe.py"), str(data_root), json.dumps(LAYOUTS), str(out), str(TINY)],
+                       cwd=tmp, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ranks_draw_the_same_masks_exactly_when_they_hold_the_same_activations(layout, probe):
+    r = probe[layout]
+    tp = r["tp"]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            same_data = i // tp == j // tp  # tp is the innermost mesh dimension
+            same_positions = not r["sp"] or i % tp == j % tp
+            assert (r["draws"][i] == r["draws"][j]) == (same_data and same_positions), (i, j)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_replicated_parameters_get_identical_gradients_with_dropout_on(layout, probe):
+    assert probe[layout]["differ"] == []
