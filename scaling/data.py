@@ -190,7 +190,8 @@ class DataLoader:
         return int(self._perm[j])
 
     def _batch(self, first: int):
-        xy = torch.from_numpy(self.windows.rows([self._window_index(i) for i in range(first, first + self.micro_batch)]))
+        rows = self.windows.rows([self._window_index(i) for i in range(first, first + self.micro_batch)])
+        xy = torch.from_numpy(rows)
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]

@@ -340,14 +340,14 @@ def first_90_percent(text: str):
 def prepare_shakespeare(a) -> dict:
     text = shakespeare_text(a)
     return write_dataset(a.out, GPT2Tokenizer(), first_90_percent(text), source="tiny shakespeare",
-                         workers=a.workers, eot=False)
+                         workers=a.workers, eot=False, shard_tokens=a.shard_tokens)
 
 
 def prepare_shakespeare_char(a) -> dict:
     text = shakespeare_text(a)
     tok = CharTokenizer("".join(sorted(set(text))))
     return write_dataset(a.out, tok, first_90_percent(text), source="tiny shakespeare",
-                         workers=a.workers, eot=False, chars=tok.chars)
+                         workers=a.workers, eot=False, shard_tokens=a.shard_tokens, chars=tok.chars)
 
 
 def hub_or_local(a, hub_name: str, **hub_kwargs):
@@ -375,13 +375,14 @@ def prepare_fineweb_edu(a) -> dict:
                          shard_tokens=a.shard_tokens)
 
 
-def prepare_embedded(out_dir: str | Path, workers: int | None = None) -> dict:
+def prepare_embedded(out_dir: str | Path, workers: int | None = None, shard_tokens: int = SHARD_TOKENS) -> dict:
     """Byte-level token files of the Python standard library's source (about 11 MB on 3.11)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = stdlib_files()
     docs = (("val" if is_val(p.relative_to(root).as_posix()) else "train",
              p.read_text(encoding="utf-8", errors="replace")) for p in files)
     return write_dataset(out_dir, ByteTokenizer(), docs, workers=workers, total_docs=len(files),
+                         shard_tokens=shard_tokens,
                          source=f"Python {sysconfig.get_python_version()} standard library source "
                                 f"({len(files)} files under {root})")
 
@@ -391,7 +392,7 @@ DATASETS = {
     "shakespeare_char": (prepare_shakespeare_char, "tiny Shakespeare, one token per character"),
     "openwebtext": (prepare_openwebtext, "OpenWebText, GPT-2 BPE, 0.05% validation (nanoGPT)"),
     "fineweb_edu": (prepare_fineweb_edu, "FineWeb-Edu sample-10BT, GPT-2 BPE, 100M-token shards"),
-    "embedded": (lambda a: prepare_embedded(a.out, a.workers), "Python standard library source, bytes"),
+    "embedded": (lambda a: prepare_embedded(a.out, a.workers, a.shard_tokens), "Python standard library source, bytes"),
 }
 
 

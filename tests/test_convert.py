@@ -115,7 +115,7 @@ def test_convert_of_what_is_not_a_checkpoint_exits_2_with_one_line_naming_it(kin
 
 def test_init_from_an_empty_file_exits_2_with_one_line_naming_it(data_root, tmp_path):
     (tmp_path / "empty.pt").touch()
-    p = run_module("scaling.train", *tiny_args(data_root, tmp_path / "run", f"--model.init_from={tmp_path / 'empty.pt'}"))
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path / "run", f"--model.init_from={tmp_path}/empty.pt"))
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith(f"error: model.init_from: {tmp_path / 'empty.pt'}: cannot read weights"), p.stderr
 

@@ -205,5 +205,10 @@ def test_gpt2_bpe_files_unreachable_is_a_connection_error_saying_how_to_work_off
     def unreachable(name):
         raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
     monkeypatch.setattr(tiktoken, "get_encoding", unreachable)
-    with pytest.raises(ConnectionError, match="no network: tiktoken cannot fetch GPT-2's BPE files .* TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(ConnectionError, match="no network: tiktoken cannot fetch GPT-2's BPE files.*TIKTOKEN_CACHE_DIR"):
         GPT2Tokenizer()
+
+
+def test_shard_tokens_applies_to_every_dataset(tmp_path):
+    run_script("shakespeare_char", "--input", SHAKESPEARE, "--out", tmp_path, "--shard-tokens", 400_000)
+    assert load_meta(tmp_path)["splits"]["train"]["files"] == [f"train_{i:06d}.bin" for i in range(3)]
