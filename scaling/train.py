@@ -34,6 +34,8 @@ from scaling.rundir import check_fits, open_run
 from scaling.tokenizer import get_tokenizer
 
 USAGE = "python -m scaling.train RECIPE [--section.key=value ...]"
+# Fault injection, for testing train.on_nonfinite end to end: this step's loss becomes NaN.
+INJECT_NONFINITE_STEP = int(os.environ.get("SCALING_INJECT_NONFINITE_STEP", "0"))
 
 
 def autocast(device: torch.device, dtype: str):
@@ -303,6 +305,8 @@ def train(cfg: Config) -> dict:
                     # per-micro-batch means (over micro batches here, over ranks in the gradient
                     # reduction) is the mean over the global batch's tokens.
                     loss = loss_fn(model(x), y) / len(micro_batches)
+                    if step + 1 == INJECT_NONFINITE_STEP:
+                        loss = loss * float("nan")
                 loss.backward()
             loss_sum += local_value(loss.detach())
         t2 = time.perf_counter()
@@ -310,6 +314,7 @@ def train(cfg: Config) -> dict:
         # One host sync per step: a NaN/inf (loss or any gradient) must never reach the weights.
         if not torch.isfinite(grad_norm):
             if t.on_nonfinite == "stop":
+                ckpt.wait()  # the save in flight holds the last good step: commit it first
                 metrics.close()
                 raise NonFinite(f"non-finite gradient norm at step {step + 1} (loss "
                                 f"{local_value(loss.detach()).item() * len(micro_batches):.4g}): stopping; the "
@@ -399,6 +404,8 @@ def main(argv=None):
     except distributed.FollowerExit as e:  # rank 0 printed why
         sys.exit(e.code)
     except (DataError, ConfigError, CheckpointError) as e:
+        die(str(e))
+    except ConnectionError as e:  # no network for a tokenizer's files (scaling.tokenizer says how)
         die(str(e))
     except OSError as e:  # the run folder became unwritable or full while training
         die(f"{e.filename or cfg.logging.run_dir}: {(e.strerror or str(e)).lower()}; the checkpoints saved "

@@ -5,7 +5,6 @@ same command, as a user or a scheduler would.
 """
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, read_metrics, run_module, run_torchrun, tiny_args
-from scaling.checkpoint import checkpoints, load_model, newest_complete
+from scaling.checkpoint import checkpoints, load_model, newest_complete, step_of
 from scaling.distributed import EXIT_PREEMPTED
 
 FAST = ["--train.eval_every=0", "--parallel.timeout_s=60", "--train.global_batch_size=8",
@@ -79,16 +78,6 @@ def kill_all(p):
             time.sleep(0.01)
 
 
-def kill_when(p, ready, timeout=120):
-    """SIGKILL the run once ready() is true."""
-    deadline = time.time() + timeout
-    while not ready():
-        assert p.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    kill_all(p)
-
-
 def losses_by_step(run_dir):
     """Train loss per step; after a resume the re-done steps' later records win."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
@@ -110,47 +99,64 @@ def test_keeps_the_last_k_and_every_mth_for_good(data_root, tmp_path):
     assert [p.name for p in checkpoints(tmp_path)] == ["step_4", "step_8", "step_10", "step_12"]
 
 
-# Steps per layout, so that each run lasts a few seconds (TP over gloo is the slowest: ~0.2 s a step).
-KILL_STEPS = {"single": 300, "ddp2": 300, "fsdp2": 150, "tp2": 40}
+def wait_for(p, ready, timeout=120):
+    deadline = time.time() + timeout
+    while not ready():
+        assert p.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
 
 
-@pytest.mark.parametrize("layout", list(KILL_STEPS))
-def test_sigkilled_run_resumes_with_bit_identical_losses(layout, data_root, tmp_path):
-    n = KILL_STEPS[layout]
-    # Every step logged: a logged loss is the mean since the last log line, and a resume
-    # starts a new window; per-step lines make the comparison step for step.
-    steps = [f"--train.max_steps={n}", f"--checkpoint.every={n // 6}", "--logging.every=1"]
-    whole = tmp_path / "whole"
-    rc, out = run(command(layout, data_root, whole, *steps))
+def logged_steps(run_dir):
+    m = Path(run_dir) / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(run_dir) if "loss" in r] if m.is_file() else []
+
+
+# Dropout on, so the losses continue exactly only if every rank's RNG state is restored; a
+# schedule that does not depend on max_steps, so the killed run can be open-ended.
+RESUMABLE = ["--model.dropout=0.1", "--optim.decay_steps=20", "--logging.every=1"]
+
+
+@pytest.mark.parametrize("layout", ["single", "ddp2", "fsdp2", "tp2"])
+def test_sigkilled_run_resumes_from_the_newest_checkpoint_with_bit_identical_losses(layout, data_root, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    rc, out = run(command(layout, data_root, whole, *RESUMABLE, "--train.max_steps=12", "--checkpoint.every=3"))
     assert rc == 0, out
-    cut = tmp_path / "cut"
-    p = start(command(layout, data_root, cut, *steps))
-    kill_when(p, lambda: (cut / "checkpoints" / f"step_{n // 6}").is_dir())
-    assert n not in losses_by_step(cut)  # it was killed before the end
-    rc, out = run(command(layout, data_root, cut, *steps))
+    p = start(command(layout, data_root, cut, *RESUMABLE, "--train.max_steps=100000", "--checkpoint.every=3"))
+    # Kill once two checkpoints exist and a step past the newest was taken (it must be redone).
+    wait_for(p, lambda: len(checkpoints(cut)) >= 2 and max(logged_steps(cut), default=0) > step_of(checkpoints(cut)[-1]))
+    kill_all(p)
+    newest = checkpoints(cut)[-1]  # committed by a rename, so whole
+    lines_before = len(read_metrics(cut))
+    rc, out = run(command(layout, data_root, cut, *RESUMABLE, "--train.max_steps=12", "--checkpoint.every=3"))
     assert rc == 0, out
-    assert "resumed from" in out
-    assert losses_by_step(cut) == losses_by_step(whole)  # exactly, in fp32 on CPU
+    assert f"resumed from {newest} at step {step_of(newest)}" in out  # the newest, not any whole one
+    assert read_metrics(cut)[lines_before]["step"] == step_of(newest) + 1
+    got, want = losses_by_step(cut), losses_by_step(whole)
+    assert {s: got[s] for s in want} == want  # exactly, in fp32 on CPU
 
 
-def test_killing_during_saves_never_leaves_the_run_unable_to_resume(data_root, tmp_path):
-    """Save every step (in the background) and kill at random moments, five times."""
-    steps = ["--train.max_steps=80", "--checkpoint.every=1", "--checkpoint.keep=2", "--logging.every=1"]
+def test_killed_during_a_save_resumes_from_the_newest_whole_checkpoint(data_root, tmp_path):
+    """Kill FSDP(2) while a background save is being written (a .tmp folder exists), then run the
+    same command: the interrupted save is reported and ignored, and the losses continue exactly."""
+    steps = [*RESUMABLE, "--train.max_steps=30", "--checkpoint.every=1", "--checkpoint.keep=2"]
     rc, out = run(command("fsdp2", data_root, tmp_path / "whole", *steps))
     assert rc == 0, out
-    run_dir = tmp_path / "cut"
-    rng = random.Random(0)
-    for _ in range(5):
+    run_dir, root = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
+    for attempt in range(10):  # the save may finish between seeing the .tmp and the kill: retry
         p = start(command("fsdp2", data_root, run_dir, *steps))
-        time.sleep(rng.uniform(3.0, 5.0))  # start-up is ~3 s; then it saves every step
-        if p.poll() is not None:
-            break
+        wait_for(p, lambda: len(checkpoints(run_dir)) >= 1 and list(root.glob("step_*.tmp")))
         kill_all(p)
-        ck = newest_complete(run_dir, report=lambda *_: None)
-        if ck is not None:
-            load_model(ck)  # whatever the kill interrupted, the newest complete one loads
+        interrupted = list(root.glob("step_*.tmp"))
+        if interrupted:
+            break
+    assert interrupted, "no save was interrupted in 10 tries"
+    newest = checkpoints(run_dir)[-1]  # committed by a rename, so whole
+    load_model(newest)
     rc, out = run(command("fsdp2", data_root, run_dir, *steps))
     assert rc == 0, out
+    assert f"ignoring {interrupted[0]} (an interrupted save" in out or f"replacing the interrupted save {interrupted[0]}" in out
+    assert f"resumed from {newest} at step {step_of(newest)}" in out
     assert losses_by_step(run_dir) == losses_by_step(tmp_path / "whole")
 
 

@@ -37,6 +37,27 @@ def test_logits_equal_huggingface_gpt2_with_the_same_weights(shape):
     assert diff <= 1e-4, diff
 
 
+def test_logits_equal_huggingface_gpt2_at_realistic_weight_scale():
+    """Weights drawn at std 0.2 (LayerNorm gains around 1, biases non-zero) make activations
+    large enough that the GELU variant, LayerNorm's eps, attention's 1/sqrt(head_dim) and the
+    weight layout each move the logits far beyond float32 rounding; std 0.02 hides them."""
+    shape = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=300, dropout=0.0)
+    hf = hf_model(**shape)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            centre = 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0
+            p.copy_(centre + 0.2 * torch.randn(p.shape, generator=g))
+    ours = GPT(gpt_config(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=300)).eval()
+    ours.load_state_dict(hf_to_ours(hf.state_dict(), 2))
+    idx = torch.randint(0, 300, (2, 32), generator=g)
+    with torch.no_grad():
+        want = hf(idx).logits
+        got = ours(idx)
+    assert want.std() > 1.0  # far from the tiny logits of std-0.02 weights
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
+
+
 def test_export_to_huggingface_layout_round_trips():
     ours = GPT(gpt_config("tiny", vocab_size=300, block_size=32))
     ours.init_weights(3)
@@ -121,6 +142,16 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
     a = model.generate(idx, 10, generator=torch.Generator().manual_seed(5))
     b = model.generate(idx, 10, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_a_different_seed_gives_a_different_sample():
+    model = GPT(gpt_config("tiny", vocab_size=50, block_size=8))
+    model.init_weights(0)
+    model.eval()
+    idx = torch.tensor([[1]])
+    samples = {tuple(model.generate(idx, 10, generator=torch.Generator().manual_seed(s))[0].tolist())
+               for s in range(4)}
+    assert len(samples) == 4
 
 
 def test_flops_per_token_follows_the_palm_formula_for_gpt2():

@@ -75,9 +75,15 @@ def test_cli_trains_and_sample_prints_text_from_the_run(data_root, tmp_path):
     p = run_module("scaling.train", *tiny_args(data_root, tmp_path / "r", "--logging.sample_tokens=20"))
     assert p.returncode == 0, p.stderr
     assert "step 8 | loss" in p.stdout and "sample:" in p.stdout
-    s = run_module("scaling.sample", tmp_path / "r", "--prompt", "ROMEO:", "--max-new-tokens", "30")
+    s = run_module("scaling.sample", tmp_path / "r", "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                   "--seed", "5", "--num-samples", "2")
     assert s.returncode == 0, s.stderr
     assert s.stdout.startswith("ROMEO:") and len(s.stdout) > len("ROMEO:")
+    five, six = s.stdout.split("-" * 40 + "\n")
+    assert five != six  # the i-th sample uses seed + i
+    again = run_module("scaling.sample", tmp_path / "r", "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                       "--seed", "6")
+    assert again.stdout == six
 
 
 def test_sample_without_a_checkpoint_is_a_one_line_error(tmp_path):
@@ -126,12 +132,37 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, 
         assert all(torch.isfinite(p).all() for p in model.parameters()), ck
 
 
-def test_non_finite_batches_can_be_skipped(data_root, tmp_path):
-    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, "--train.max_steps=40", "--optim.lr=1e12",
-                                               "--train.grad_clip=0", "--train.on_nonfinite=skip"), check=True)
-    assert "update skipped" in p.stdout
-    last = [r for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
-    assert last["skipped_steps"] > 0
+NAN_AT_5 = {"SCALING_INJECT_NONFINITE_STEP": "5"}  # one bad batch: step 5's loss is NaN
+
+
+def model_weights(checkpoint_dir):
+    from scaling.checkpoint import load_model
+    return load_model(checkpoint_dir)[0].state_dict()
+
+
+def test_one_non_finite_batch_is_skipped_and_leaves_the_weights_unchanged(data_root, tmp_path):
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, "--train.on_nonfinite=skip", "--logging.every=1",
+                                               "--checkpoint.every=1", "--checkpoint.keep=0"), env=NAN_AT_5, check=True)
+    assert "step 5: non-finite gradient norm, update skipped (1 so far)" in p.stdout
+    before, after = model_weights(tmp_path / "checkpoints" / "step_4"), model_weights(tmp_path / "checkpoints" / "step_5")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    records = [r for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    # steps 5..8; a NaN is logged as null
+    assert [r["loss"] is not None and math.isfinite(r["loss"]) for r in records[4:]] == [False, True, True, True]
+    assert records[-1]["skipped_steps"] == 1
+
+
+def test_one_non_finite_batch_under_stop_leaves_the_last_good_step_newest(data_root, tmp_path):
+    args = ("--logging.every=1", "--checkpoint.every=1", "--checkpoint.keep=0")
+    clean = run_module("scaling.train", *tiny_args(data_root, tmp_path / "clean", *args), check=True)
+    assert clean.returncode == 0
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path / "bad", *args), env=NAN_AT_5)
+    assert p.returncode == 3 and "non-finite gradient norm at step 5" in p.stderr, p.stderr
+    from scaling.checkpoint import newest_complete
+    newest = newest_complete(tmp_path / "bad", report=lambda *_: None)
+    assert newest.name == "step_4"
+    want, got = model_weights(tmp_path / "clean" / "checkpoints" / "step_4"), model_weights(newest)
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_wandb_offline_run_holds_the_logged_keys(data_root, tmp_path):
