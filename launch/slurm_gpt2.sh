@@ -25,6 +25,22 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
+# Traps first: with a time limit shorter than --signal's lead (or on a requeued job), Slurm
+# signals the script as soon as it starts, and an untrapped USR1 would kill it.
+stop_requested=0
+started=0
+on_signal() {  # forwarded as SIGTERM to the job steps: torchrun passes it on to every worker
+  if [ "$started" = 0 ]; then  # nothing to save yet; requeueing would only repeat this
+    echo "$(date +%T) $1 before training started: ignored (is --time shorter than --signal's lead?)"
+    return
+  fi
+  stop_requested=1
+  echo "$(date +%T) $1: asking the training processes to save and stop"
+  scancel --signal=TERM "$SLURM_JOB_ID"
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
 RECIPE=${1:-recipes/gpt2_124m_fsdp.yaml}
 shift || true
 cd "${SLURM_SUBMIT_DIR:-.}"
@@ -47,33 +63,26 @@ else
   DEVICE_ARGS=()
 fi
 export OMP_NUM_THREADS=$THREADS
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3)}
+source launch/find_python.sh
+find_python || exit 2
 LOG_DIR=${SCALING_LOG_DIR:-logs}  # one file per node and job
 mkdir -p "$LOG_DIR"
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_JOB_NUM_NODES nodes x $NPROC processes," \
      "head $HEAD_NODE ($HEAD_ADDR:$PORT), recipe $RECIPE"
-
-stop_requested=0
-on_signal() {  # forwarded as SIGTERM to the job steps: torchrun passes it on to every worker
-  stop_requested=1
-  echo "$(date +%T) $1: asking the training processes to save and stop"
-  scancel --signal=TERM "$SLURM_JOB_ID"
-}
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
 
 srun --kill-on-bad-exit=1 --output="$LOG_DIR/%x-%j-node%t.out" \
   "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
     --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$PORT" --rdzv_id="$SLURM_JOB_ID" \
     -m scaling.train "$RECIPE" "${DEVICE_ARGS[@]}" "$@" &
 SRUN=$!
+started=1
 status=0
 while true; do  # a trapped signal interrupts `wait`; keep waiting for srun itself
   wait "$SRUN" && status=0 || status=$?
   kill -0 "$SRUN" 2> /dev/null || break
 done
 
-if [ "$stop_requested" = 1 ]; then
+if [ "$stop_requested" = 1 ] && [ "$status" != 0 ]; then  # stopped early, not finished
   echo "$(date +%T) stopped after saving (srun exit $status); requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

@@ -23,7 +23,8 @@ fi
 # Threads per process: the node's cores shared out (torchrun would otherwise set 1).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+source launch/find_python.sh
+find_python || exit 2
 NNODES=${NNODES:-1}
 if [ "$NNODES" = 1 ]; then
   RDZV=(--standalone)
