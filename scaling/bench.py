@@ -1,4 +1,4 @@
-"""Benchmarks: python -m scaling.bench [throughput|layouts|prepare|loader] [options]
+"""Benchmarks: python -m scaling.bench [throughput|layouts|prepare|loader|checkpoint|comm] [options]
 
 throughput: the framework's training loop (scaling.train, everything on: schedule, clipping,
   metrics, data loader) against a plain PyTorch loop of the same model, data and optimizer, in
@@ -9,6 +9,10 @@ prepare: GPT-2 tokenization of the embedded corpus (Python stdlib source) by the
   pipeline at 1 and N workers against a plain encode_ordinary loop, and the pipeline's peak
   memory for 10M tokens and for 1B (10x the default shard size), about 2 minutes.
 loader: the data loader's time per optimizer step against the demo model's training step.
+checkpoint: the cost of checkpoint checksums at the 124M shape (GPT-2 small with its AdamW
+  state, 1.5 GB): computing them (rank 0's background committer does it after each save), and a
+  resume (process start to 'resumed from') with checkpoint.verify on and off; median of
+  --rounds, files in the page cache, as on a resume right after a save.
 comm: interconnect, as nccl-tests reports it: all_reduce, all_gather and reduce_scatter over
   message sizes, time, algorithm bandwidth (bytes / time) and bus bandwidth (algbw x 2(n-1)/n for
   all_reduce, x (n-1)/n for the others: the bytes each link carries). NCCL on GPUs, gloo on CPUs.
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -268,6 +273,54 @@ def comm(max_mb: float, iters: int = 10) -> list[dict]:
     return rows
 
 
+def checkpoint_cost(rounds: int, size: str = "gpt2") -> dict:
+    """Checkpoint checksums at the 124M shape: the parts alone (DCP save, checksums, DCP load,
+    verification), then what a user waits for: a resume (process start to 'resumed from'), with
+    checkpoint.verify on and off, alternating, files in the page cache."""
+    import subprocess
+    import sys
+
+    from scaling.checkpoint import checkpoints, crcs, read_manifest
+
+    run_dir = ROOT / "runs" / "bench_checkpoint"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = [sys.executable, "-m", "scaling.train", str(ROOT / "recipes" / "cpu_demo.yaml"), f"--model.size={size}",
+            "--model.n_layer=null", "--model.n_head=null", "--model.n_embd=null", "--model.vocab_size=50304",
+            "--model.block_size=1024", "--train.seq_len=64", "--train.micro_batch_size=1",
+            "--train.global_batch_size=1", "--train.eval_every=0", "--logging.sample_tokens=0",
+            f"--logging.run_dir={run_dir}", "--parallel.dp_shard=1", "--checkpoint.async_save=false"]
+    t0 = time.perf_counter()
+    subprocess.run(args + ["--train.max_steps=1"], check=True, capture_output=True)
+    ck = checkpoints(run_dir)[-1]
+    size_gb = sum(f.stat().st_size for f in ck.iterdir()) / 1e9
+    print(f"{size}: checkpoint {size_gb:.2f} GB written in {time.perf_counter() - t0:.1f} s (1 step)", flush=True)
+    sizes = {n: r["size"] for n, r in read_manifest(ck)["files"].items()}
+    times = {"checksum_s": [], "resume_s": [], "resume_verified_s": []}
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        crcs(ck, sizes)
+        times["checksum_s"].append(time.perf_counter() - t0)
+        for key, verify in (("resume_s", "false"), ("resume_verified_s", "true")):
+            t0 = time.perf_counter()
+            p = subprocess.Popen(args + ["--train.max_steps=2", f"--checkpoint.verify={verify}"], text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for line in p.stdout:
+                if line.startswith("resumed from"):
+                    times[key].append(time.perf_counter() - t0)
+                    break
+            p.kill()
+            p.wait()
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items()), flush=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out.update(size=size, checkpoint_gb=size_gb, rounds=times,
+               verify_overhead=out["resume_verified_s"] / out["resume_s"] - 1)
+    print(f"{size}: checkpoint {size_gb:.2f} GB | checksums alone {out['checksum_s']:.2f} s | resume (start to "
+          f"'resumed from') {out['resume_s']:.2f} s, with verification {out['resume_verified_s']:.2f} s "
+          f"(+{100 * out['verify_overhead']:.1f}%)", flush=True)
+    return out
+
+
 def environment() -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -276,7 +329,8 @@ def environment() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="?", default="throughput", choices=["throughput", "layouts", "prepare", "loader", "comm"])
+    ap.add_argument("what", nargs="?", default="throughput", choices=["throughput", "layouts", "prepare", "loader", "checkpoint",
+                                                                 "comm"])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "cpu_demo.yaml"))
     ap.add_argument("--shapes", default="baby,demo", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -310,6 +364,8 @@ def main(argv=None):
                    "memory": prepare_memory(repeats, a.shard_tokens)}
     elif a.what == "loader":
         results = loader_overhead(a.recipe, a.overrides, a.steps)
+    elif a.what == "checkpoint":
+        results = checkpoint_cost(a.rounds)
     else:
         results = []
         print(f"{'shape':34} {'dtype':5} {'reference tok/s':>16} {'framework tok/s':>16} {'ratio':>6}"
