@@ -30,6 +30,11 @@ def train_cli(data_root, run_dir, *extra, **kw):
     return run_module("scaling.train", *tiny_args(data_root, run_dir, *FAST, *extra), **kw)
 
 
+def train_here(data_root, run_dir, *extra):
+    """scaling.train's train() in this process: the same run without an interpreter start-up."""
+    train(load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={run_dir}", *FAST, *extra]))
+
+
 def one_line_error(p, code=2) -> str:
     assert p.returncode == code, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
     lines = p.stderr.strip().splitlines()
@@ -47,7 +52,7 @@ def flip_byte(path: Path):
 def saved_run(data_root, tmp_path_factory):
     """A 4-step run of tests/tiny.yaml with checkpoints at steps 2 and 4 (copy it before changing it)."""
     run_dir = tmp_path_factory.mktemp("saved") / "run"
-    train_cli(data_root, run_dir, "--train.max_steps=4", "--checkpoint.every=2", check=True)
+    train_here(data_root, run_dir, "--train.max_steps=4", "--checkpoint.every=2")
     return run_dir
 
 
@@ -89,12 +94,12 @@ def test_resume_refusal_on_the_command_line_is_one_line_naming_each_key(run_copy
     assert snapshot(run_copy) == before
 
 
-def test_legitimate_changes_on_resume_are_reported_one_line_each(run_copy, data_root):
-    p = train_cli(data_root, run_copy, "--train.max_steps=6", "--optim.lr=2e-3", "--checkpoint.every=2",
-                  check=True)
-    assert "resume: optim.lr: 0.001 -> 0.002" in p.stdout
-    assert "resume: train.max_steps: 4 -> 6" in p.stdout
-    assert "step_4 at step 4" in p.stdout
+def test_legitimate_changes_on_resume_are_reported_one_line_each(run_copy, data_root, capsys):
+    train_here(data_root, run_copy, "--train.max_steps=6", "--optim.lr=2e-3", "--checkpoint.every=2")
+    out = capsys.readouterr().out
+    assert "resume: optim.lr: 0.001 -> 0.002" in out
+    assert "resume: train.max_steps: 4 -> 6" in out
+    assert "step_4 at step 4" in out
 
 
 # --- checkpoint integrity ----------------------------------------------------------------------
@@ -106,21 +111,24 @@ def test_every_checkpoint_file_has_a_recorded_checksum(saved_run):
     assert {"rng_rank0.pt", ".metadata", "config.yaml"} <= set(files)
 
 
-def test_a_flipped_byte_in_a_full_length_shard_is_caught_and_the_older_checkpoint_used(run_copy, data_root):
+def test_a_flipped_byte_in_a_full_length_shard_is_caught_and_the_older_checkpoint_used(run_copy, data_root,
+                                                                                         capsys):
     step4 = run_copy / "checkpoints" / "step_4"
     shard = next(step4.glob("*.distcp"))
     flip_byte(shard)
     damaged = shard.read_bytes()
-    p = train_cli(data_root, run_copy, "--train.max_steps=5", check=True)
-    assert f"skipping {step4}: checksum mismatch in {shard.name}" in p.stdout
-    assert "step_2 at step 2" in p.stdout
+    train_here(data_root, run_copy, "--train.max_steps=5")
+    out = capsys.readouterr().out
+    assert f"skipping {step4}: checksum mismatch in {shard.name}" in out
+    assert "step_2 at step 2" in out
     assert shard.read_bytes() == damaged  # left on disk as it was, for a post-mortem
 
 
-def test_a_missing_rng_file_is_reported_as_missing(run_copy, data_root):
+def test_a_missing_rng_file_is_reported_as_missing(run_copy, data_root, capsys):
     (run_copy / "checkpoints" / "step_4" / "rng_rank0.pt").unlink()
-    p = train_cli(data_root, run_copy, "--train.max_steps=5", check=True)
-    assert "step_4: missing rng_rank0.pt" in p.stdout and "step_2 at step 2" in p.stdout
+    train_here(data_root, run_copy, "--train.max_steps=5")
+    out = capsys.readouterr().out
+    assert "step_4: missing rng_rank0.pt" in out and "step_2 at step 2" in out
 
 
 def test_sample_refuses_a_checkpoint_whose_checksum_does_not_match(run_copy):
@@ -135,8 +143,7 @@ def test_a_damaged_newer_checkpoint_is_set_aside_never_counted_nor_overwritten(r
     step4 = run_copy / "checkpoints" / "step_4"
     flip_byte(next(step4.glob("*.distcp")))
     damaged = snapshot(step4)
-    train_cli(data_root, run_copy, "--train.max_steps=6", "--checkpoint.every=2", "--checkpoint.keep=1",
-              check=True)
+    train_here(data_root, run_copy, "--train.max_steps=6", "--checkpoint.every=2", "--checkpoint.keep=1")
     aside = run_copy / "checkpoints" / "step_4.damaged"
     assert {p.name: v for p, v in snapshot(aside).items()} == {p.name: v[0:1] + v[1:] for p, v in damaged.items()}
     assert [p.name for p in checkpoints(run_copy)] == ["step_6"]
@@ -145,8 +152,8 @@ def test_a_damaged_newer_checkpoint_is_set_aside_never_counted_nor_overwritten(r
 def test_keep_1_never_deletes_the_checkpoint_just_written(run_copy, data_root):
     # Resume explicitly from the older step 2 while step 4 exists: the new step 3 is older than
     # step 4, yet it is the one this run just wrote.
-    train_cli(data_root, run_copy, "--train.max_steps=3", "--checkpoint.keep=1",
-              f"--checkpoint.resume={run_copy / 'checkpoints' / 'step_2'}", check=True)
+    train_here(data_root, run_copy, "--train.max_steps=3", "--checkpoint.keep=1",
+               f"--checkpoint.resume={run_copy / 'checkpoints' / 'step_2'}")
     assert [p.name for p in checkpoints(run_copy)] == ["step_3", "step_4"]
 
 
@@ -285,13 +292,13 @@ def test_spike_guard_is_off_by_default():
     assert not any(guard.is_spike(torch.tensor(x)) for x in [1.0] * 20 + [1e6])
 
 
-def test_spike_guard_history_survives_a_resume(data_root, tmp_path):
+def test_spike_guard_history_survives_a_resume(data_root, tmp_path, capsys):
     # strict (skips often); a schedule that does not depend on max_steps
     guard = ["--train.spike_zscore=0.5", "--train.spike_window=4", "--optim.decay_steps=14"]
-    whole = train_cli(data_root, tmp_path / "whole", "--train.max_steps=16", *guard, check=True)
-    assert "is a spike" in whole.stdout
-    train_cli(data_root, tmp_path / "cut", "--train.max_steps=8", *guard, check=True)
-    train_cli(data_root, tmp_path / "cut", "--train.max_steps=16", *guard, check=True)
+    train_here(data_root, tmp_path / "whole", "--train.max_steps=16", *guard)
+    assert "is a spike" in capsys.readouterr().out
+    train_here(data_root, tmp_path / "cut", "--train.max_steps=8", *guard)
+    train_here(data_root, tmp_path / "cut", "--train.max_steps=16", *guard)
     assert losses_by_step(tmp_path / "cut") == losses_by_step(tmp_path / "whole")
     skips = lambda d: [r["spike_skips"] for r in read_metrics(d) if "loss" in r][-1]
     assert skips(tmp_path / "cut") == skips(tmp_path / "whole") > 0
