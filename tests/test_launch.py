@@ -53,10 +53,11 @@ def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_roo
     """A one-minute time limit and the script's own --signal=B:USR1@300: Slurm itself signals the
     batch script (on its first check, every ~30 s: 300 s exceeds the limit), which has the run
     save at a step boundary and requeues the job, until the run ends. Every step is then logged
-    exactly once: each requeued job continued from the step its predecessor saved (that the
-    losses match an uninterrupted run's is test_checkpoint's stop-signal test)."""
-    job = sbatch(slurm, tmp_path, data_root, "--train.max_steps=1200", "--logging.every=1",
-                 "--train.eval_every=0", "--checkpoint.every=100000", time_limit="1")
+    exactly once, each requeued job continued from the step its predecessor saved, and the
+    losses around the first resume are an uninterrupted run's."""
+    steps = ["--logging.every=1", "--train.eval_every=0", "--checkpoint.every=100000",
+             "--optim.decay_steps=1198"]  # the schedule of max_steps=1200, whatever max_steps is
+    job = sbatch(slurm, tmp_path, data_root, "--train.max_steps=1200", *steps, time_limit="1")
     j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
     out = (tmp_path / f"slurm-{job}.out").read_text()
     assert j["JobState"] == "COMPLETED" and int(j["Restarts"]) >= 1, out + slurm.logs()
@@ -66,6 +67,13 @@ def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_roo
     resumed = [int(x.split()[0]) for x in logs.split(" at step ")[1:]]
     assert saved and sorted(set(saved)) == sorted(set(resumed)), logs
     assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 1201))
+    first = min(resumed)
+    run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path / "whole", *COMMON, *steps,
+                                                f"--train.max_steps={first + 3}"))
+    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}
+    want = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "whole") if "loss" in r}
+    around = range(first - 2, first + 4)
+    assert [got[s] for s in around] == pytest.approx([want[s] for s in around], rel=1e-6)
 
 
 def test_two_torchrun_nodes_on_loopback_match_one_node(data_root, tmp_path):
