@@ -237,8 +237,9 @@ def train(cfg: Config) -> dict:
     cfg.model.vocab_size = cfg.model.vocab_size or meta["vocab_size"]  # recorded in config.yaml
     tokenizer_spec = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}
     tokenizer_spec["name"] = tokenizer_spec.pop("tokenizer")
-    tok = get_tokenizer(tokenizer_spec["name"], tokenizer_spec)
-    if cfg.logging.sample_tokens:  # found out now, not after hours of training
+    tok = None  # only sampling needs it (GPT-2's BPE files may not be reachable from a GPU node)
+    if cfg.logging.sample_tokens:  # a bad prompt or missing BPE files found now, not after training
+        tok = get_tokenizer(tokenizer_spec["name"], tokenizer_spec)
         check_prompt(tok, cfg.logging.sample_prompt)
     # Rank 0 verifies checkpoints, checks the run folder and claims it; every rank follows.
     resume, run_id = distributed.on_rank0(lambda: open_run(cfg, tokenizer_spec["name"], report=log))
@@ -341,7 +342,8 @@ def train(cfg: Config) -> dict:
                     "tokens_per_sec": tok_s, "tokens_per_sec_per_device": tok_s / env.world_size,
                     "mfu": tok_s / env.world_size * flops_per_token / peak if peak else None,
                     **{f"{k}_ms": 1e3 * v / steps_since_log for k, v in timers.items()},
-                    **memory(device), "skipped_steps": skipped, "spike_skips": guard.skipped, "tokens": tokens, "elapsed_s": metrics.elapsed()}
+                    **memory(device), "skipped_steps": skipped, "spike_skips": guard.skipped, "tokens": tokens,
+                    "elapsed_s": metrics.elapsed()}
             metrics.log(last)
             loss_sum.zero_()
             timers = dict.fromkeys(timers, 0.0)
@@ -403,9 +405,7 @@ def main(argv=None):
         train(cfg)
     except distributed.FollowerExit as e:  # rank 0 printed why
         sys.exit(e.code)
-    except (DataError, ConfigError, CheckpointError) as e:
-        die(str(e))
-    except ConnectionError as e:  # no network for a tokenizer's files (scaling.tokenizer says how)
+    except (DataError, ConfigError, CheckpointError, ConnectionError) as e:  # ConnectionError: no BPE files
         die(str(e))
     except OSError as e:  # the run folder became unwritable or full while training
         die(f"{e.filename or cfg.logging.run_dir}: {(e.strerror or str(e)).lower()}; the checkpoints saved "
