@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_metrics, run_module, run_torchrun, tiny_args
-from scaling.checkpoint import checkpoints, load_model, newest_complete, step_of
+from conftest import ROOT, read_metrics, run_module, tiny_args
+from scaling.checkpoint import checkpoints, load_model, step_of
 from scaling.distributed import EXIT_PREEMPTED
 
 FAST = ["--train.eval_every=0", "--parallel.timeout_s=60", "--train.global_batch_size=8",

@@ -16,7 +16,7 @@ from conftest import TINY, read_metrics, run_module, tiny_args
 from scaling.checkpoint import MANIFEST, checkpoints, load_model, newest_complete
 from scaling.config import load_config
 from scaling.train import SpikeGuard, train
-from test_checkpoint import command, kill_all, losses_by_step, run, start, worker_pid
+from test_checkpoint import command, kill_all, losses_by_step, start, worker_pid
 
 FAST = ["--train.eval_every=0", "--logging.every=1"]
 
