@@ -6,6 +6,7 @@ one line that names the key; the entry points print it and exit with code 2.
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -122,6 +123,8 @@ class LoggingConfig:
                                     "into <run_dir>/profile/")
     sample_tokens: int = opt(0, "tokens to sample and print at the end of training; 0 disables")
     sample_prompt: str = opt("\n", "prompt for the end-of-training sample")
+    sample_temperature: float = opt(0.8, "temperature of the end-of-training sample (top-k 200, seed "
+                                    "train.seed); 0 is greedy")
 
 
 @dataclass
@@ -294,6 +297,9 @@ def resolve(cfg: Config):
         raise ConfigError(f"train.spike_zscore: must be >= 0 (0 disables the guard), got {t.spike_zscore}")
     _positive(cfg, "train.spike_window", "parallel.timeout_s")
     _check_profile_steps(cfg.logging.profile_steps)
+    if not 0 <= cfg.logging.sample_temperature < math.inf:
+        raise ConfigError(f"logging.sample_temperature: must be finite and >= 0 (0 is greedy), "
+                          f"got {cfg.logging.sample_temperature}")
     for key in ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
                 "logging.sample_tokens"):
         if _get(cfg, key) < 0:

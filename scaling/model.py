@@ -106,12 +106,18 @@ class GPT(nn.Module):
         # on the meta device and materialising with to_empty() breaks the tie: call this again.
         self.lm_head.weight = self.wte.weight
 
-    def forward(self, idx):
-        """idx: (B, T) token ids -> logits (B, T, vocab_size)."""
+    # Under sequence parallelism (parallel/tp.py sets it to the TP degree) every sequence given
+    # to forward() must split evenly over the TP ranks.
+    seq_multiple = 1
+
+    def forward(self, idx, pos=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab_size). pos: the positions of the T
+        tokens, arange(T) unless given (generate() gives them for its padding)."""
         T = idx.shape[1]
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        if pos is None:
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+            pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
@@ -156,7 +162,14 @@ class GPT(nn.Module):
                  generator: torch.Generator | None = None):
         """Sample max_new_tokens after idx (B, T). temperature 0 means greedy."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :]
+            ctx = idx[:, -self.cfg.block_size:]
+            T = ctx.shape[1]
+            # Pad the context on the right to a length sequence parallelism can split. Causal
+            # attention keeps padding from changing the logits at real positions, so the text is
+            # the same under every layout; padding past block_size reuses the last position.
+            pad = -T % self.seq_multiple
+            pos = torch.arange(T + pad, device=idx.device).clamp_(max=self.cfg.block_size - 1)
+            logits = self(F.pad(ctx, (0, pad)), pos)[:, T - 1, :]
             if hasattr(logits, "full_tensor"):  # vocabulary-sharded under tensor parallelism
                 logits = logits.full_tensor()
             logits = logits.float()

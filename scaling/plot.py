@@ -1,8 +1,9 @@
-"""Loss and throughput curves: python -m scaling.plot RUN_DIR [RUN_DIR ...] -o curves.png
+"""Loss and throughput curves: python -m scaling.plot RUN_DIR [RUN_DIR ...] -o curves.png [--table]
 
 One figure, four panels: train and validation loss against step and against tokens seen,
 tokens/s against step, and learning rate against step; one colour per run (train solid,
-validation dashed). Needs matplotlib (pip install -e '.[plot]').
+validation dashed). Needs matplotlib (pip install -e '.[plot]'). --table also prints each run's
+validation losses as a table, one row per evaluation.
 """
 
 import argparse
@@ -24,6 +25,11 @@ def read_run(run_dir: str | Path) -> dict:
             val[r["step"]] = r
     return {"name": Path(run_dir).name, "train": [train[k] for k in sorted(train)],
             "val": [val[k] for k in sorted(val)]}
+
+
+def val_table(run: dict) -> str:
+    rows = [f"{r['step']:>6}  {r['tokens']:>12,}  {r['val_loss']:.4f}" for r in run["val"]]
+    return "\n".join([f"{run['name']}: validation loss", "  step        tokens  val_loss", *rows])
 
 
 def plot(run_dirs: list[str], out: str) -> int:
@@ -64,8 +70,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.plot", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl)")
     ap.add_argument("-o", "--out", default="curves.png")
+    ap.add_argument("--table", action="store_true", help="also print each run's validation losses")
     a = ap.parse_args(argv)
     try:
+        if a.table:
+            print("\n\n".join(val_table(read_run(d)) for d in a.runs))
         n = plot(a.runs, a.out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -374,7 +374,7 @@ def train(cfg: Config) -> dict:
     if cfg.logging.sample_tokens:
         # Every rank runs the sampling (the sharded model needs all of them); rank 0 prints.
         text = sample_text(model, tok, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
-                           seed=t.seed, device=device)
+                           cfg.logging.sample_temperature, seed=t.seed, device=device)
         log("sample:\n" + text, flush=True)
     metrics.close()
     return last

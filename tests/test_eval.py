@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, run_module, tiny_args
+from conftest import SHAKESPEARE, read_metrics, run_module, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,11 @@ def test_plot_draws_every_run_into_a_png(shakespeare_model, data_root, tmp_path)
     other = tmp_path / "other"
     run_module("scaling.train", *tiny_args(data_root, other, "--train.max_steps=20", "--logging.every=2"), check=True)
     out = tmp_path / "curves.png"
-    p = run_module("scaling.plot", shakespeare_model, other, "-o", out, check=True)
+    p = run_module("scaling.plot", shakespeare_model, other, "-o", out, "--table", check=True)
+    # --table: one row per evaluation of each run, its step and loss
+    want = [r for r in read_metrics(other) if "val_loss" in r]
+    table = p.stdout.split("other: validation loss\n", 1)[1].splitlines()[1:1 + len(want)]
+    assert [(int(row.split()[0]), row.split()[-1]) for row in table] == [(r["step"], f"{r['val_loss']:.4f}") for r in want]
     # per run: train and val loss in 2 panels each, tokens/s, lr
     assert "(12 curves from 2 run(s))" in p.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

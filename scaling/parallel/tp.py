@@ -49,6 +49,7 @@ def apply_tp(model, tp_mesh: DeviceMesh, loss_parallel: bool = True, sequence_pa
     # wte and lm_head were distributed separately (both as Shard(0) over the vocabulary):
     # point the head back at the embedding so they stay one parameter.
     model.tie_weights()
+    model.seq_multiple = tp_mesh.size() if sequence_parallel else 1  # for generate()'s padding
 
 
 def replicate_norm(ln, tp_mesh: DeviceMesh):
