@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-slow test-all bench install clean
 
 install: $(VENV)/.installed
 
@@ -13,14 +13,26 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Train the embedded default (Python stdlib source, byte-level) with FSDP over 2 CPU
-# processes, and print a sample. One thread per process: 2 processes x 2 threads on 2 cores
-# would oversubscribe them.
+# processes, print a sample, then the validation losses as a table and a PNG next to the run.
+# One thread per process: 2 processes x 2 threads on 2 cores would oversubscribe them.
+# ARGS: more --section.key=value overrides (tests/test_readme.py shrinks the demo with them).
 NPROC ?= 2
+DEMO_RUN ?= runs/cpu_demo
 demo: install
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m scaling.train recipes/cpu_demo.yaml
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m scaling.train recipes/cpu_demo.yaml \
+		--logging.run_dir=$(DEMO_RUN) $(ARGS)
+	$(BIN)/python -m scaling.plot $(DEMO_RUN) --table -o $(DEMO_RUN)/val_loss.png
 
+# The suite in two tiers: `test` (under 15 minutes on 2 cores) and `test-slow` (the Slurm
+# time-limit round trip and the rest of the kill/reshard/accumulation matrices, marked slow).
+# CI runs both: test-all.
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not slow" --durations=20
+
+test-slow: install
+	$(BIN)/python -m pytest -q tests -m slow --durations=10
+
+test-all: test test-slow
 
 bench: install
 	$(BIN)/python -m scaling.bench

@@ -53,6 +53,50 @@ def data_root(tmp_path_factory):
 
 
 TINY = ROOT / "tests" / "tiny.yaml"
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+# A recipe shrunk in size only, for tests that run recipes as users do: 2 layers, 2 heads,
+# width 32, 32 positions, micro batches of 2 (2 accumulation steps on 2 data-parallel ranks),
+# 4 steps with an evaluation and a checkpoint every 2, and a short sample.
+SHRUNK = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+          "--train.seq_len=32", "--train.micro_batch_size=2", "--train.global_batch_size=8", "--train.max_steps=4",
+          "--train.eval_every=2", "--train.eval_sequences=4", "--optim.warmup_steps=1", "--checkpoint.every=2",
+          "--logging.every=1", "--logging.sample_tokens=8"]
+
+
+def prepare_offline(name: str, out, docs_jsonl):
+    """Dataset `name` prepared from local text by the same code as data/<name>/prepare.py."""
+    from scaling.prepare import main, prepare_embedded
+    if name == "embedded":
+        prepare_embedded(out)
+    elif name in ("shakespeare", "shakespeare_char"):
+        main(name, ["--input", str(SHAKESPEARE), "--out", str(out), "--workers", "1"])
+    else:  # the web corpora: documents in their jsonl format
+        main(name, ["--input", str(docs_jsonl), "--out", str(out), "--workers", "1"])
+
+
+@pytest.fixture(scope="session")
+def recipe_data(tmp_path_factory):
+    """A data root holding every dataset a recipe names, prepared offline: tiny Shakespeare cut
+    into 4,000 documents for the web corpora (OpenWebText's 0.05% holds out 2 of them)."""
+    import json
+
+    import yaml
+    root = tmp_path_factory.mktemp("recipe_data")
+    docs = root / "docs.jsonl"
+    text = SHAKESPEARE.read_text()
+    step = len(text) // 4000
+    docs.write_text("".join(json.dumps({"text": text[i:i + step]}) + "\n" for i in range(0, 4000 * step, step)))
+    for name in sorted({yaml.safe_load(r.read_text())["data"]["dataset"] for r in RECIPES}):
+        prepare_offline(name, root / name, docs)
+    return root
+
+
+def tiny_hf_gpt2(out, n_positions=64):
+    """Hugging Face GPT-2 weights (config.json + model.safetensors) shaped like the shrunk
+    recipes' model: 2 layers, 2 heads, width 32, GPT-2's vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=n_positions)).save_pretrained(out)
+    return out
 
 
 def tiny_args(data_root, run_dir, *extra):

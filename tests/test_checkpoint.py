@@ -117,7 +117,8 @@ def logged_steps(run_dir):
 RESUMABLE = ["--model.dropout=0.1", "--optim.decay_steps=20", "--logging.every=1"]
 
 
-@pytest.mark.parametrize("layout", ["single", "ddp2", "fsdp2", "tp2"])
+@pytest.mark.parametrize("layout", [pytest.param("single", marks=pytest.mark.slow), pytest.param("ddp2", marks=pytest.mark.slow),
+                                    "fsdp2", pytest.param("tp2", marks=pytest.mark.slow)])
 def test_sigkilled_run_resumes_from_the_newest_checkpoint_with_bit_identical_losses(layout, data_root, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     rc, out = run(command(layout, data_root, whole, *RESUMABLE, "--train.max_steps=12", "--checkpoint.every=3"))
@@ -136,6 +137,7 @@ def test_sigkilled_run_resumes_from_the_newest_checkpoint_with_bit_identical_los
     assert {s: got[s] for s in want} == want  # exactly, in fp32 on CPU
 
 
+@pytest.mark.slow
 def test_killed_during_a_save_resumes_from_the_newest_whole_checkpoint(data_root, tmp_path):
     """Kill FSDP(2) while a background save is being written (a .tmp folder exists), then run the
     same command: the interrupted save is reported and ignored, and the losses continue exactly."""
@@ -179,7 +181,8 @@ def test_explicit_resume_from_a_missing_checkpoint_is_a_one_line_error(data_root
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "checkpoint.resume" in p.stderr, p.stderr
 
 
-RESHARD = [("fsdp2", "single"), ("fsdp2", "tp2"), ("ddp2", "fsdp2"), ("fsdp2", "fsdp4")]
+RESHARD = [("fsdp2", "single"), ("fsdp2", "tp2"), pytest.param("ddp2", "fsdp2", marks=pytest.mark.slow),
+           pytest.param("fsdp2", "fsdp4", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +194,7 @@ def reference_12(data_root, tmp_path_factory):
     return losses_by_step(run_dir)
 
 
-@pytest.mark.parametrize("before, after", RESHARD, ids=[f"{a}-to-{b}" for a, b in RESHARD])
+@pytest.mark.parametrize("before, after", RESHARD, ids=["fsdp2-to-single", "fsdp2-to-tp2", "ddp2-to-fsdp2", "fsdp2-to-fsdp4"])
 def test_checkpoint_resumes_under_another_layout(before, after, reference_12, data_root, tmp_path):
     """Half the run under one layout, the rest under another: the losses continue as if
     uninterrupted (model, optimizer state and data position all carried over)."""
@@ -214,7 +217,8 @@ def worker_pid(agent_pid, local_rank):
     raise AssertionError("worker not found")
 
 
-@pytest.mark.parametrize("layout, sig", [("single", signal.SIGTERM), ("fsdp2", signal.SIGUSR1)])
+@pytest.mark.parametrize("layout, sig", [pytest.param("single", signal.SIGTERM, marks=pytest.mark.slow),
+                                         ("fsdp2", signal.SIGUSR1)])
 def test_stop_signal_saves_at_a_step_boundary_and_the_same_command_resumes(layout, sig, data_root, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     rc, out = run(command(layout, data_root, whole, *RESUMABLE, "--train.max_steps=30"))

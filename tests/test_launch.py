@@ -1,7 +1,6 @@
 """Launchers on real infrastructure: a two-node Slurm cluster started by the test, and two
-torchrun "nodes" on loopback. Plus the interconnect benchmark and the layout/allocation check."""
+torchrun "nodes" on loopback. Plus the layout/allocation check (the interconnect benchmark runs in test_readme.py)."""
 
-import json
 import math
 import os
 import subprocess
@@ -37,6 +36,7 @@ def sbatch(cluster, run_dir, data_root, *overrides, time_limit="10"):
     return int(p.stdout.strip().split(";")[0])
 
 
+@pytest.mark.slow
 def test_sbatch_trains_over_two_nodes(slurm, data_root, tmp_path):
     job = sbatch(slurm, tmp_path, data_root)
     j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
@@ -48,6 +48,7 @@ def test_sbatch_trains_over_two_nodes(slurm, data_root, tmp_path):
     assert all(math.isfinite(x) for x in train_losses(tmp_path))
 
 
+@pytest.mark.slow
 def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_root, tmp_path):
     """A one-minute time limit and the script's own --signal=B:USR1@300: Slurm itself signals the
     batch script (on its first check, every ~30 s: 300 s exceeds the limit), which has the run
@@ -94,15 +95,6 @@ def test_tp_larger_than_the_processes_per_node_fails_fast_naming_both(data_root,
                    env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"})
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert "parallel.tp: 2 does not fit the 1 processes per node" in p.stderr
-
-
-def test_interconnect_benchmark_reports_bus_bandwidth(tmp_path):
-    p = run_torchrun(2, "scaling.bench", "comm", "--max-mb", "4", "--out", tmp_path / "comm.json")
-    rows = json.loads((tmp_path / "comm.json").read_text())["comm"]
-    ops = {r["op"] for r in rows}
-    assert ops == {"all_reduce", "all_gather", "reduce_scatter"}
-    assert all(r["busbw_gbps"] > 0 and r["time_us"] > 0 for r in rows)
-    assert "busbw" in p.stdout
 
 
 def find_python(cwd, **env):

@@ -36,7 +36,8 @@ def test_recipe_parses_and_its_batch_arithmetic_is_consistent(name):
     assert "Planner" in path.read_text() or name == "cpu_demo"
 
 
-@pytest.mark.parametrize("name", [n for n in RECIPES if n.startswith("gpt2")])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "xl" in n else n
+                                  for n in RECIPES if n.startswith("gpt2")])
 def test_gpt2_recipe_builds_at_its_target_world_size_with_gpt2s_parameter_count(name):
     cfg = load_for_world(str(ROOT / "recipes" / f"{name}.yaml"), RECIPES[name])
     cfg.parallel.compile = False
@@ -76,7 +77,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_planned_parameter_and_optimizer_bytes_match_real_fsdp_shards(n, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(SHARD_PROBE)
@@ -95,6 +96,7 @@ def test_planned_parameter_and_optimizer_bytes_match_real_fsdp_shards(n, tmp_pat
           [a + b for a, b in rows])
 
 
+@pytest.mark.slow
 def test_planned_peak_memory_of_a_cpu_run_is_within_20_percent_of_its_peak_rss(data_root, tmp_path):
     """glibc is told to return large freed blocks at once, so that RSS follows the live tensors:
     with its default adaptive threshold, freed blocks stay mapped and the same run's peak RSS
