@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Train the embedded default (Python stdlib source, byte-level) with FSDP over 2 CPU
-# processes, print a sample, then the validation losses as a table and a PNG next to the run.
+# processes, print a sample, then the validation losses as a table and the curves as a PNG next to the run.
 # One thread per process: 2 processes x 2 threads on 2 cores would oversubscribe them.
 # ARGS: more --section.key=value overrides (tests/test_readme.py shrinks the demo with them).
 NPROC ?= 2
@@ -21,7 +21,7 @@ DEMO_RUN ?= runs/cpu_demo
 demo: install
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m scaling.train recipes/cpu_demo.yaml \
 		--logging.run_dir=$(DEMO_RUN) $(ARGS)
-	$(BIN)/python -m scaling.plot $(DEMO_RUN) --table -o $(DEMO_RUN)/val_loss.png
+	$(BIN)/python -m scaling.plot $(DEMO_RUN) --table -o $(DEMO_RUN)/curves.png
 
 # The suite in two tiers: `test` (under 15 minutes on 2 cores) and `test-slow` (the Slurm
 # time-limit round trip and the rest of the kill/reshard/accumulation matrices, marked slow).

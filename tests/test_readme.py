@@ -150,7 +150,7 @@ def test_the_readme_commands_run_in_order(workdir):
         ran.append((cmd, p))
     outputs = {strip(cmd): p.stdout for cmd, p in ran}
     assert "sample:\n" in outputs["make demo"] and "cpu_demo: validation loss" in outputs["make demo"]
-    assert (workdir / "runs" / "cpu_demo" / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (workdir / "runs" / "cpu_demo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     tp = "torchrun --standalone --nproc_per_node=4 -m scaling.train recipes/cpu_demo.yaml --parallel.dp_shard=2 --parallel.tp=2"
     assert "FSDP+TP" in outputs[tp] or "tp=2" in outputs[tp]
     assert "sample:\n" in outputs[tp]
