@@ -4,6 +4,13 @@
 
 # Fail a hung collective with an error instead of hanging until the job's time limit.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+# NCCL's flight recorder: each rank keeps its last 2,000 collectives and dumps them when one
+# times out (scaling.train points the dump at <run_dir>/nccl_trace_rank_<r>; read the dumps
+# with python -m torch.distributed.flight_recorder.fr_trace). Costs nothing until then.
+export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+# Fewer out-of-memory errors from fragmentation (evaluation and sampling change shapes).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 case "${SCALING_FABRIC:-default}" in
   default) ;;                                    # leave NCCL to detect the fabric

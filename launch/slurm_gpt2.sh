@@ -47,10 +47,11 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 source launch/nccl_env.sh
 
 # The head node's address as Slurm knows it (NodeAddr), not whatever DNS makes of its name;
-# a port derived from the job id, so concurrent jobs on one node do not collide.
+# a port derived from the job id, so concurrent jobs on one node do not collide, and below
+# Linux's ephemeral range (32768-60999), which the kernel hands out to outgoing connections.
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 HEAD_ADDR=$(scontrol show node "$HEAD_NODE" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
-PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
+PORT=$(( 20000 + SLURM_JOB_ID % 12000 ))
 
 CPUS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
 if [ "${SCALING_DEVICE:-cuda}" = cpu ]; then
@@ -70,7 +71,9 @@ mkdir -p "$LOG_DIR"
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_JOB_NUM_NODES nodes x $NPROC processes," \
      "head $HEAD_NODE ($HEAD_ADDR:$PORT), recipe $RECIPE"
 
-srun --kill-on-bad-exit=1 --output="$LOG_DIR/%x-%j-node%t.out" \
+# Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: without it every
+# node's workers would share one core.
+srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" --output="$LOG_DIR/%x-%j-node%t.out" \
   "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
     --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$PORT" --rdzv_id="$SLURM_JOB_ID" \
     -m scaling.train "$RECIPE" "${DEVICE_ARGS[@]}" "$@" &

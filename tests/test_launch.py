@@ -1,8 +1,10 @@
 """Launchers on real infrastructure: a two-node Slurm cluster started by the test, and two
-torchrun "nodes" on loopback. Plus the layout/allocation check (the interconnect benchmark runs in test_readme.py)."""
+torchrun "nodes" on loopback. Plus the launch environment and the layout/allocation check (the
+interconnect benchmark runs in test_readme.py)."""
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +45,8 @@ def test_sbatch_trains_over_two_nodes(slurm, data_root, tmp_path):
     out = (tmp_path / f"slurm-{job}.out").read_text()
     assert j["JobState"] == "COMPLETED", out + slurm.logs()
     assert "2 nodes x 1 processes" in out
+    port = int(re.search(r"head \S+ \(\S+:(\d+)\)", out).group(1))
+    assert 20000 <= port < 32768  # below the ephemeral range the kernel gives outgoing connections
     assert "dp_shard: 2" in (tmp_path / "config.yaml").read_text()  # world size 2: one rank per node
     assert {f.name for f in (tmp_path / "logs").iterdir()} == {f"gpt2-{job}-node0.out", f"gpt2-{job}-node1.out"}
     assert all(math.isfinite(x) for x in train_losses(tmp_path))
@@ -95,6 +99,26 @@ def test_tp_larger_than_the_processes_per_node_fails_fast_naming_both(data_root,
                    env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"})
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert "parallel.tp: 2 does not fit the 1 processes per node" in p.stderr
+
+
+def nccl_env(**env) -> dict:
+    """The variables launch/nccl_env.sh exports, in a clean environment plus env."""
+    p = subprocess.run(["bash", "-c", "source launch/nccl_env.sh && env"], cwd=ROOT, capture_output=True,
+                       text=True, env={"PATH": "/usr/bin:/bin", **env}, check=True)
+    return dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+
+
+def test_launch_environment_turns_on_the_flight_recorder_and_expandable_segments_unless_set():
+    got = nccl_env()
+    assert got["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and got["TORCH_FR_BUFFER_SIZE"] == "2000"
+    assert got["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert got["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert nccl_env(PYTORCH_CUDA_ALLOC_CONF="max_split_size_mb:128")["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_one_interface_setting_steers_nccl_and_gloo():
+    got = nccl_env(SCALING_IFNAME="eth7", SCALING_FABRIC="ethernet")
+    assert got["NCCL_SOCKET_IFNAME"] == got["GLOO_SOCKET_IFNAME"] == "eth7" and got["NCCL_IB_DISABLE"] == "1"
 
 
 def find_python(cwd, **env):
