@@ -220,8 +220,9 @@ def resume_from(ckpt: checkpoint.Checkpointer, path: Path, model, optimizer, loa
 def train(cfg: Config) -> dict:
     """Run the recipe; returns the last logged metrics record (on every rank)."""
     t, p = cfg.train, cfg.parallel
-    for var in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):  # where NCCL's flight
-        # recorder (on through launch/nccl_env.sh) dumps on a collective timeout: the run folder
+    # NCCL's flight recorder (on through launch/nccl_env.sh) dumps into the run folder when a
+    # collective times out; these are read when the process group is created.
+    for var in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
         os.environ.setdefault(var, str(Path(cfg.logging.run_dir).resolve() / "nccl_trace_rank_"))
     env = distributed.init(t.device, p.timeout_s)
     device = env.device
