@@ -109,14 +109,25 @@ def test_the_reference_depends_on_the_prompt(probe):
     assert len(set(greedy)) > 1
 
 
-def test_end_of_training_sample_under_tp_with_an_odd_prompt_is_what_scaling_sample_gives(data_root, tmp_path):
+END_TO_END = [  # (name, processes, overrides); every layout's generate() is covered by the probe above
+    pytest.param("tp2_sp", 2, ["--parallel.tp=2", "--parallel.dp_shard=1"], id="tp2_sp"),
+    pytest.param("tp2", 2, ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel=false"],
+                 id="tp2", marks=pytest.mark.slow),
+    pytest.param("hsdp2x2", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], id="hsdp2x2",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name, nproc, layout", END_TO_END)
+def test_end_of_training_sample_with_an_odd_prompt_is_what_scaling_sample_gives(name, nproc, layout, data_root,
+                                                                               tmp_path):
     """The README's TP example used to crash in its end-of-training sample (a prompt length the
     TP degree does not divide). The run's greedy sample must also be what scaling.sample prints
     from the checkpoint in one process."""
-    run = tmp_path / "tp"
-    p = run_torchrun(2, "scaling.train", *tiny_args(data_root, run, "--parallel.tp=2", "--parallel.dp_shard=1",
-                                                   "--train.max_steps=4", "--logging.sample_tokens=40",
-                                                   "--logging.sample_prompt=ROMEO", "--logging.sample_temperature=0"))
+    run = tmp_path / name
+    p = run_torchrun(nproc, "scaling.train", *tiny_args(data_root, run, *layout, "--train.max_steps=4",
+                                                       "--logging.sample_tokens=40", "--logging.sample_prompt=ROMEO",
+                                                       "--logging.sample_temperature=0"))
     sample = p.stdout.split("sample:\n", 1)[1].rstrip("\n")
     assert sample.startswith("ROMEO")
     s = run_module("scaling.sample", run, "--prompt", "ROMEO", "--max-new-tokens", "40", "--temperature", "0",
