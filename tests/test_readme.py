@@ -33,10 +33,8 @@ def blocks(lang: str) -> list[list[str]]:
     found, block = [], None  # block: the open block's lines, or None outside, or False in another language
     for line in README.splitlines():
         if not line.startswith("```"):
-            if block:
+            if isinstance(block, list):
                 block.append(line)
-            elif block == []:
-                block = [line]
         elif block is None:
             block = [] if line[3:].strip() == lang else False
         else:
