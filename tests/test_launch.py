@@ -54,14 +54,17 @@ def test_sbatch_trains_over_two_nodes(slurm, data_root, tmp_path):
 
 @pytest.mark.slow
 def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_root, tmp_path):
-    """A one-minute time limit and the script's own --signal=B:USR1@300: Slurm itself signals the
-    batch script (on its first check, every ~30 s: 300 s exceeds the limit), which has the run
-    save at a step boundary and requeues the job, until the run ends. Every step is then logged
+    """A two-minute time limit and the script's own --signal=B:USR1@300: Slurm itself signals the
+    batch script (on its first check, within ~30 s: 300 s exceeds the limit), which has the run
+    save at a step boundary and requeues the job, until the run ends. A requeued job gets the
+    signal at launch, before training starts (ignored), so it must finish the rest of the 1,000
+    steps within its limit: two minutes leave room at half this machine's speed, and 1,000
+    steps are more than the first job can reach before its first check at twice that speed. Every step is then logged
     exactly once, each requeued job continued from the step its predecessor saved, and the
     losses around the first resume are an uninterrupted run's."""
     steps = ["--logging.every=1", "--train.eval_every=0", "--checkpoint.every=100000",
-             "--optim.decay_steps=1198"]  # the schedule of max_steps=1200, whatever max_steps is
-    job = sbatch(slurm, tmp_path, data_root, "--train.max_steps=1200", *steps, time_limit="1")
+             "--optim.decay_steps=998"]  # the schedule of max_steps=1000, whatever max_steps is
+    job = sbatch(slurm, tmp_path, data_root, "--train.max_steps=1000", *steps, time_limit="2")
     j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
     out = (tmp_path / f"slurm-{job}.out").read_text()
     assert j["JobState"] == "COMPLETED" and int(j["Restarts"]) >= 1, out + slurm.logs()
@@ -70,7 +73,7 @@ def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_roo
     saved = [int(x.split()[0].rstrip(",")) for x in logs.split("saved step ")[1:]]
     resumed = [int(x.split()[0]) for x in logs.split(" at step ")[1:]]
     assert saved and sorted(set(saved)) == sorted(set(resumed)), logs
-    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 1201))
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 1001))
     first = min(resumed)
     run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path / "whole", *COMMON, *steps,
                                                 f"--train.max_steps={first + 3}"))
