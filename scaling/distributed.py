@@ -139,13 +139,14 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def agreed(self, device, step: int, every: int = 10) -> bool:
+    def agreed(self, step: int, every: int = 10) -> bool:
         """True on every rank once any rank got a signal: all stop at the same step. Ranks compare
-        notes every `every` steps (a collective and a host sync), not on every step."""
+        notes every `every` steps, with a CPU tensor (gloo, also on GPU nodes), so the GPU's
+        queue of work is never drained for it."""
         if not dist.is_initialized():
             return self.received is not None
         if step % every:
             return False
-        flag = torch.tensor([self.received is not None], dtype=torch.int32, device=device)
+        flag = torch.tensor([self.received is not None], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

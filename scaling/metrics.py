@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import resource
 import secrets
 import time
 from pathlib import Path
@@ -25,15 +23,68 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def memory(device: torch.device) -> dict:
-    """Memory in GB: CUDA's peak allocated and reserved, or the process's current and peak RSS."""
+def memory(device: torch.device, reset: bool = True) -> dict:
+    """Memory in GB since the last call (the peaks are reset after reading): on CUDA the peak
+    allocated and reserved and the allocator's retries (a retry frees cached blocks and tries
+    again: a run close to the limit), on CPU the current and peak resident set size."""
     if device.type == "cuda":
-        return {"mem_gb": torch.cuda.max_memory_allocated(device) / 1e9,
-                "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}
-    with open("/proc/self/statm") as f:
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"mem_gb": rss / 1e9, "peak_mem_gb": peak / 1e9}
+        out = {"mem_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+               "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9,
+               "num_alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0)}
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return out
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    rss, peak = (int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
+    if reset:
+        _reset_peak_rss()
+    return {"mem_gb": rss / 1e9, "peak_mem_gb": max(rss, peak) / 1e9}
+
+
+def _reset_peak_rss():
+    """Linux resets a process's peak RSS (VmHWM) when 5 is written to its clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the peak then covers the whole run
+        pass
+
+
+class StepTimer:
+    """Time per phase of the training step, summed until read. On CUDA the phases are bracketed
+    by CUDA events, so they measure the GPU's time (the host only queues kernels and runs ahead)
+    and are read when the host waits anyway (log steps); on CPU the wall clock.
+
+    start() opens a step, mark(phase) closes the phase that ends there (marks come in order)."""
+
+    def __init__(self, device: torch.device, phases: tuple[str, ...]):
+        self.cuda, self.phases = device.type == "cuda", phases
+        self.steps = []  # per step: its start mark and one mark per phase
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def start(self):
+        self.steps.append([self._now()])
+
+    def mark(self, phase: str):
+        marks = self.steps[-1]
+        assert self.phases[len(marks) - 1] == phase, f"phase {phase} out of order"
+        marks.append(self._now())
+
+    def read_ms(self) -> dict:
+        """Milliseconds per phase summed over the steps since the last read; then starts over."""
+        total = dict.fromkeys(self.phases, 0.0)
+        if self.cuda and self.steps:
+            self.steps[-1][-1].synchronize()
+        for marks in self.steps:
+            for phase, a, b in zip(self.phases, marks, marks[1:]):
+                total[phase] += a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
+        self.steps = []
+        return total
 
 
 class Metrics:

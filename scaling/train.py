@@ -8,6 +8,7 @@ for NaN, step, log, evaluate, checkpoint, stop on a signal) -> wait for the last
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from scaling import checkpoint, distributed
 from scaling.checkpoint import CheckpointError
 from scaling.config import Config, ConfigError, die, main_with_config, to_dict
 from scaling.data import DataError, DataLoader, TokenWindows, load_meta
-from scaling.metrics import Metrics, Profiler, memory, peak_flops
+from scaling.metrics import Metrics, Profiler, StepTimer, memory, peak_flops
 from scaling.model import GPT, GPTConfig, gpt_config, param_seed
 from scaling.optim import build_optimizer, lr_at
 from scaling.parallel import ParallelDims, build_mesh, dp_rank, parallelize
@@ -177,10 +178,9 @@ class SpikeGuard:
         mean, std = self._stats()
         return f"recent mean {mean:.4g}, std {std:.3g}, train.spike_zscore={self.zscore:g}"
 
-    def is_spike(self, grad_norm: torch.Tensor) -> bool:
+    def is_spike(self, x: float) -> bool:
         if not self.zscore:
             return False
-        x = grad_norm.item()
         if len(self.norms) >= min(self.MIN_HISTORY, self.window):
             mean, std = self._stats()
             if x > mean + self.zscore * max(std, 1e-6 * mean):
@@ -195,6 +195,48 @@ class SpikeGuard:
     def load_state_dict(self, state: dict):
         s = json.loads(state["guard"])
         self.norms, self.skipped = s["norms"][-self.window:], s["skipped"]
+
+
+class NonFiniteSteps:
+    """Finds steps whose gradient norm is NaN/inf without a host sync per step. check() runs on
+    the device and gives the optimizer's found_inf flag (the update is skipped there); report()
+    reads the count only where the host waits anyway (log and checkpoint steps). Under
+    on_nonfinite=stop it then ends the run before any save: the updates since the bad step were
+    skipped or came after it, and none of them reaches a checkpoint."""
+
+    def __init__(self, device, mode: str, log):
+        self.mode, self.log, self.total = mode, log, 0
+        self.count = torch.zeros((), dtype=torch.int64, device=device)  # since the last report
+        self.first = torch.zeros((), dtype=torch.int64, device=device)  # its first bad step, or 0
+
+    def check(self, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
+        bad = ~torch.isfinite(grad_norm)
+        self.first = torch.where((self.count == 0) & bad, step, self.first)
+        self.count += bad
+        return bad.float()
+
+    def report(self, ckpt, metrics):
+        n, first = torch.stack([self.count, self.first]).tolist()
+        if not n:
+            return
+        self.count.zero_(), self.first.zero_()
+        if self.mode == "stop":
+            ckpt.wait()  # the save in flight holds the last good step: commit it first
+            metrics.close()
+            raise NonFinite(f"non-finite gradient norm at step {first}: stopping; the checkpoints are "
+                            f"untouched (train.on_nonfinite=skip skips such batches)")
+        self.total += n
+        more = f" and {n - 1} more since" if n > 1 else ""
+        self.log(f"step {first}{more}: non-finite gradient norm, update skipped ({self.total} so far)", flush=True)
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Clip to max_norm (0: no clipping) and return the total norm, reduced over ranks once."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = local_value(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def train_state(model, optimizer, loader, guard: SpikeGuard, step: int, tokens: int) -> dict:
@@ -259,7 +301,7 @@ def train(cfg: Config) -> dict:
     val_windows = TokenWindows(data_dir, "val", t.seq_len) if t.eval_every else None
 
     model = build_model(cfg, meta["vocab_size"], dims, mesh, device)
-    optimizer = build_optimizer(model, cfg.optim, fused=not dims.tp > 1 and not dims.fsdp)
+    optimizer = build_optimizer(model, cfg.optim)
     # Under TP with loss parallelism the logits stay split over the vocabulary into the loss.
     loss_ctx = loss_parallel if dims.tp > 1 and p.loss_parallel else contextlib.nullcontext
     syncs = dims.fsdp or dims.ddp
@@ -291,16 +333,17 @@ def train(cfg: Config) -> dict:
     if val_windows and start == 0:  # the starting point, for comparison
         metrics.log({"step": 0, "val_loss": evaluate(model, val_windows, cfg, device, loss_ctx),
                      "tokens": 0, "elapsed_s": metrics.elapsed()})
-    t_log, steps_since_log, skipped = time.perf_counter(), 0, 0
-    timers = {"data": 0.0, "compute": 0.0, "optim": 0.0}
+    t_log, steps_since_log = time.perf_counter(), 0
+    timer = StepTimer(device, ("data", "compute", "optim"))
+    nonfinite = NonFiniteSteps(device, t.on_nonfinite, log)
     for step in range(start, t.max_steps):
         profiler.step(step)
         lr = lr_at(step, cfg.optim, t.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
+        timer.start()
         micro_batches = train_loader.next_step()
-        t1 = time.perf_counter()
+        timer.mark("data")
         for i, (x, y) in enumerate(micro_batches):
             if syncs:  # reduce gradients once per step, after the last micro batch
                 model.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -314,27 +357,19 @@ def train(cfg: Config) -> dict:
                         loss = loss * float("nan")
                 loss.backward()
             loss_sum += local_value(loss.detach())
-        t2 = time.perf_counter()
-        grad_norm = local_value(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf")))
-        # One host sync per step: a NaN/inf (loss or any gradient) must never reach the weights.
-        if not torch.isfinite(grad_norm):
-            if t.on_nonfinite == "stop":
-                ckpt.wait()  # the save in flight holds the last good step: commit it first
-                metrics.close()
-                raise NonFinite(f"non-finite gradient norm at step {step + 1} (loss "
-                                f"{local_value(loss.detach()).item() * len(micro_batches):.4g}): stopping; the "
-                                f"checkpoints are untouched (train.on_nonfinite=skip skips such batches)")
-            skipped += 1
-            log(f"step {step + 1}: non-finite gradient norm, update skipped ({skipped} so far)", flush=True)
-        elif guard.is_spike(grad_norm):
-            log(f"step {step + 1}: gradient norm {grad_norm.item():.4g} is a spike ({guard.describe()}), "
+        timer.mark("compute")
+        grad_norm = clip_gradients(model, t.grad_clip)
+        # A NaN/inf (loss or any gradient) must never reach the weights: the fused AdamW skips
+        # the update on the device when found_inf is set (as under GradScaler), no host sync.
+        skip = nonfinite.check(grad_norm, step + 1)
+        if guard.zscore and math.isfinite(norm := grad_norm.item()) and guard.is_spike(norm):
+            log(f"step {step + 1}: gradient norm {norm:.4g} is a spike ({guard.describe()}), "
                 f"update skipped ({guard.skipped} so far)", flush=True)
-        else:
-            optimizer.step()
+            skip = torch.ones_like(skip)
+        optimizer.found_inf = skip
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        for k, dt in zip(timers, (t1 - t0, t2 - t1, t3 - t2)):
-            timers[k] += dt
+        timer.mark("optim")
         steps_since_log += 1
         done, tokens = step + 1, tokens + tokens_per_step
 
@@ -342,15 +377,15 @@ def train(cfg: Config) -> dict:
             loss_avg = distributed.all_reduce_mean(loss_sum / steps_since_log).item()
             now = time.perf_counter()
             tok_s = steps_since_log * tokens_per_step / (now - t_log)
+            nonfinite.report(ckpt, metrics)
             last = {"step": done, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
                     "tokens_per_sec": tok_s, "tokens_per_sec_per_device": tok_s / env.world_size,
                     "mfu": tok_s / env.world_size * flops_per_token / peak if peak else None,
-                    **{f"{k}_ms": 1e3 * v / steps_since_log for k, v in timers.items()},
-                    **memory(device), "skipped_steps": skipped, "spike_skips": guard.skipped, "tokens": tokens,
+                    **{f"{k}_ms": v / steps_since_log for k, v in timer.read_ms().items()},
+                    **memory(device), "skipped_steps": nonfinite.total, "spike_skips": guard.skipped, "tokens": tokens,
                     "elapsed_s": metrics.elapsed()}
             metrics.log(last)
             loss_sum.zero_()
-            timers = dict.fromkeys(timers, 0.0)
             t_log, steps_since_log = time.perf_counter(), 0
         if val_windows and (done % t.eval_every == 0 or done == t.max_steps):
             t_eval = time.perf_counter()
@@ -359,9 +394,10 @@ def train(cfg: Config) -> dict:
             last["val_loss"] = val_loss
             t_log += time.perf_counter() - t_eval  # keep evaluation out of the throughput figure
         every = cfg.checkpoint.every
-        stopping = stop.agreed(device, done)
+        stopping = stop.agreed(done)
         t_save = time.perf_counter()
         if (every and done % every == 0) or done == t.max_steps or stopping:
+            nonfinite.report(ckpt, metrics)  # under train.on_nonfinite=stop, never save past a NaN
             ckpt.save(done, train_state(model, optimizer, train_loader, guard, done, tokens))
         ckpt.poll()
         t_log += time.perf_counter() - t_save

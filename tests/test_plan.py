@@ -65,7 +65,7 @@ p = cfg.parallel
 dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
 mesh, _ = build_mesh(dims, "cpu")
 model = build_model(cfg, 50257, dims, mesh, torch.device("cpu"))
-opt = build_optimizer(model, cfg.optim, fused=False)
+opt = build_optimizer(model, cfg.optim)
 model(torch.randint(0, 50257, (2, 32))).float().mean().backward()
 opt.step()
 local = lambda t: t.to_local() if hasattr(t, "to_local") else t

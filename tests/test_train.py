@@ -178,3 +178,23 @@ def test_wandb_offline_run_holds_the_logged_keys(data_root, tmp_path):
     # A resumed run continues the same wandb run.
     run(data_root, tmp_path / "r", "--logging.wandb=true", "--logging.wandb_mode=offline", "--train.max_steps=10")
     assert (tmp_path / "r" / "wandb_id").read_text() == run_id
+
+
+def count_host_reads(monkeypatch, data_root, run_dir, steps):
+    """Calls that copy a tensor's value to the host (on a GPU: a sync that drains its queue of
+    work) during a run of `steps` steps that logs, evaluates and checkpoints only at its end."""
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: calls.append(_n) or _real(self, *a))
+    run(data_root, run_dir, f"--train.max_steps={steps}", f"--logging.every={steps}", f"--train.eval_every={steps}",
+        f"--checkpoint.every={steps}", "--logging.sample_tokens=0", "--train.micro_batch_size=2")
+    monkeypatch.undo()
+    return calls
+
+
+def test_a_training_step_reads_nothing_back_to_the_host_outside_log_eval_and_checkpoint_steps(
+        monkeypatch, data_root, tmp_path):
+    # Same number of log, evaluation and checkpoint steps; 3x the plain steps.
+    short, long = (count_host_reads(monkeypatch, data_root, tmp_path / str(n), n) for n in (4, 12))
+    assert len(short) == len(long), (sorted(short), sorted(long))
