@@ -38,7 +38,7 @@ from scaling.data import TokenWindows, load_meta
 from scaling.model import GPT
 from scaling.prepare import SHARD_TOKENS
 from scaling.distributed import pick_device
-from scaling.train import autocast, dataset_dir, model_config, train
+from scaling.train import dataset_dir, model_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # nanoGPT's shakespeare_char shape: 6 layers, 6 heads, 384 wide, context 256, batch 12.
@@ -50,8 +50,8 @@ SHAPES = {
 
 
 def reference_loop(cfg, steps: int, warmup: int) -> float:
-    """Plain PyTorch: random windows from a token tensor, forward, backward, clip, AdamW.
-    Returns tokens/s over the timed steps."""
+    """Plain PyTorch: random windows from a token tensor, forward, backward, clip, AdamW, bf16
+    by autocast (nanoGPT's way). Returns tokens/s over the timed steps."""
     device = pick_device(cfg.train.device)
     t = cfg.train
     data_dir = dataset_dir(cfg)
@@ -68,7 +68,7 @@ def reference_loop(cfg, steps: int, warmup: int) -> float:
         ix = torch.randint(len(tokens) - t.seq_len - 1, (t.micro_batch_size,), generator=g)
         x = torch.stack([tokens[i: i + t.seq_len] for i in ix]).to(device)
         y = torch.stack([tokens[i + 1: i + 1 + t.seq_len] for i in ix]).to(device)
-        with autocast(device, t.dtype):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16"):
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -64,7 +64,8 @@ class TrainConfig:
     spike_window: int = opt(100, "loss-spike guard: how many recent accepted steps' gradient norms it compares with")
     eval_every: int = opt(250, "steps between validation passes; 0 disables")
     eval_sequences: int = opt(240, "validation sequences per evaluation (the first ones of the split, every time)")
-    dtype: str = opt("fp32", "compute dtype: fp32, or bf16 autocast (CPU and CUDA)", ["fp32", "bf16"])
+    dtype: str = opt("fp32", "compute dtype: fp32, or bf16 mixed precision (bf16 compute on fp32 master weights, "
+                     "FSDP2's policy in every layout, CPU and CUDA)", ["fp32", "bf16"])
     device: str = opt("auto", "auto picks cuda when present, else cpu", ["auto", "cpu", "cuda"])
     on_nonfinite: str = opt("stop", "a NaN/inf loss or gradient norm: stop the run (the last checkpoint "
                             "stays as it was), or skip that batch's update", ["stop", "skip"])

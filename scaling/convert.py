@@ -16,7 +16,7 @@ import json
 import os
 import pickle
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -100,21 +100,23 @@ NOT_WEIGHTS = (OSError, EOFError, ValueError, KeyError, TypeError, AssertionErro
                pickle.UnpicklingError, SafetensorError)
 
 
-def read_weights(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
-    """(our state dict, its shape) from any supported source; see the module docstring. Anything
-    else is one ValueError naming src and what it should have been (FileNotFoundError if missing)."""
+def read_weights(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int]:
+    """(our state dict, its shape, the token ids in use) from any supported source; see the module
+    docstring. The ids in use are the tokenizer's vocabulary for our checkpoints (the model's may
+    be padded beyond it), the model's for other formats. Anything else is one ValueError naming
+    src and what it should have been (FileNotFoundError if missing)."""
     if not Path(src).exists():
         raise FileNotFoundError(f"{src}: not found (expected {SOURCES})")
     try:
-        sd, cfg = _read_weights(Path(src))
+        sd, cfg, vocab = _read_weights(Path(src))
         check_tensors(sd, cfg)
     except NOT_WEIGHTS as e:
         why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{src}: cannot read weights ({why}); expected {SOURCES}") from None
-    return sd, cfg
+    return sd, cfg, vocab
 
 
-def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int]:
     if p.is_dir() and (p / "config.json").is_file():  # Hugging Face
         c = json.loads((p / "config.json").read_text())
         if (p / "model.safetensors").is_file():
@@ -128,19 +130,20 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
             raise ValueError("unsupported config: bias=false")
         cfg = GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                         block_size=c["n_positions"], vocab_size=c["vocab_size"])
-        return hf_to_ours(hf, cfg.n_layer), cfg
+        return hf_to_ours(hf, cfg.n_layer), cfg, cfg.vocab_size
     if p.is_dir():  # our checkpoint or run folder
         from scaling.checkpoint import load_model
-        model, _, _ = load_model(p)
-        return {k: v.detach() for k, v in model.state_dict().items()}, model.cfg
+        model, tok, _ = load_model(p)
+        return {k: v.detach() for k, v in model.state_dict().items()}, model.cfg, tok.vocab_size
     ck = _torch_load(p)
     if isinstance(ck, dict) and "gpt_config" in ck:  # ours, consolidated
-        return {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}, GPTConfig(**ck["gpt_config"])
+        cfg = GPTConfig(**ck["gpt_config"])
+        return {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}, cfg, ck.get("vocab", cfg.vocab_size)
     if isinstance(ck, dict) and "model_args" in ck:  # nanoGPT
         a = ck["model_args"]
         cfg = GPTConfig(n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"], block_size=a["block_size"],
                         vocab_size=a["vocab_size"], dropout=a.get("dropout", 0.0), bias=a.get("bias", True))
-        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg
+        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg, cfg.vocab_size
     raise ValueError(f"a {type(ck).__name__} without 'gpt_config' or 'model_args'")
 
 
@@ -167,11 +170,34 @@ def check_tensors(sd: dict[str, torch.Tensor], cfg: GPTConfig):
         raise ValueError(f"unexpected tensor {extra[0]}")
 
 
-def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, to: str):
+def pad_vocab(sd: dict[str, torch.Tensor], cfg: GPTConfig, vocab_size: int) -> tuple[dict, GPTConfig]:
+    """The embedding (and tied LM head) grown to vocab_size rows, e.g. GPT-2's 50257 to 50304 for
+    tensor-core-sized kernels. The new rows are the mean of the real ones (as Hugging Face's
+    resize_token_embeddings does): their logits are then the mean logit, so together the 47
+    padded ids of GPT-2 take under 47/50257 of the probability (under 0.001 nats of loss) where
+    zero rows, with GPT-2's negative logits, would take most of it. The logits of real ids are
+    unchanged, and generation never samples padded ids."""
+    wte = sd["wte.weight"]
+    pad = wte.mean(dim=0, keepdim=True).expand(vocab_size - len(wte), -1)
+    wte = torch.cat([wte, pad])
+    return {**sd, "wte.weight": wte, "lm_head.weight": wte}, replace(cfg, vocab_size=vocab_size)
+
+
+def strip_vocab(sd: dict[str, torch.Tensor], cfg: GPTConfig, vocab_size: int) -> tuple[dict, GPTConfig]:
+    """The embedding (and tied LM head) cut to the vocab_size ids in use: padding removed."""
+    wte = sd["wte.weight"][:vocab_size]
+    return {**sd, "wte.weight": wte, "lm_head.weight": wte}, replace(cfg, vocab_size=vocab_size)
+
+
+def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, to: str, vocab: int | None = None):
     """Each file is written under a temporary name and renamed when complete: an error or a kill
-    midway leaves whatever dst held before."""
+    midway leaves whatever dst held before. vocab: the token ids in use; a Hugging Face export is
+    cut to them (GPT2LMHeadModel then loads GPT-2's 50257 rows from a model padded to 50304),
+    while nanoGPT (which trains GPT-2 padded itself) and our .pt keep the model's rows."""
     dst = Path(dst)
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    if to == "hf" and vocab is not None and vocab < cfg.vocab_size:
+        sd, cfg = strip_vocab(sd, cfg, vocab)
     if to == "hf":
         from safetensors.torch import save_file
         if not cfg.bias:  # GPT2LMHeadModel would fill the missing biases with random values
@@ -190,7 +216,7 @@ def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, 
         _replace(dst, lambda t: torch.save(ck, t))
     else:
         sd.pop("lm_head.weight", None)  # tied to wte.weight
-        _replace(dst, lambda t: torch.save({"model": sd, "gpt_config": asdict(cfg)}, t))
+        _replace(dst, lambda t: torch.save({"model": sd, "gpt_config": asdict(cfg), "vocab": vocab or cfg.vocab_size}, t))
 
 
 def _replace(path: Path, write):
@@ -218,11 +244,13 @@ def main(argv=None):
     if a.to != "hf" and dst.is_dir():
         die(f"{a.dst}: is a folder, --to {a.to} writes one file")
     try:
-        sd, cfg = read_weights(a.src)
-        write_weights(sd, cfg, dst, a.to)
+        sd, cfg, vocab = read_weights(a.src)
+        write_weights(sd, cfg, dst, a.to, vocab)
+        if a.to == "hf":
+            cfg = replace(cfg, vocab_size=min(vocab, cfg.vocab_size))
     except (OSError, ValueError) as e:
         die(str(e))
-    n = sum(v.numel() for k, v in sd.items() if k != "lm_head.weight")
+    n = sum(v.numel() for k, v in sd.items() if k not in ("lm_head.weight", "wte.weight")) + cfg.vocab_size * cfg.n_embd
     print(f"wrote {a.dst} ({a.to}, {cfg.n_layer} layers, {cfg.n_embd} wide, {n:,} parameters)")
 
 

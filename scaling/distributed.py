@@ -1,7 +1,7 @@
 """Process-group set-up: one code path for a single process, torchrun and Slurm.
 
 torchrun and our Slurm launcher both export RANK, LOCAL_RANK and WORLD_SIZE; without them this
-is a single process and no process group is created. NCCL carries the collectives on GPUs,
+is a single process, with a process group of one held in memory. NCCL carries the collectives on GPUs,
 gloo on CPUs (every collective the parallel layouts need runs on gloo, so all of them are
 testable without a GPU).
 """
@@ -60,11 +60,14 @@ def init(device_name: str = "auto", timeout_s: float = 600) -> Env:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     n = world_size()
-    if n > 1 and not dist.is_initialized():
-        # On GPUs, CPU tensors (a few DCP and loader bookkeeping ops) still need gloo.
+    if not dist.is_initialized():
+        # On GPUs, CPU tensors (a few DCP and loader bookkeeping ops) still need gloo. A single
+        # process gets a group of one too: its model is wrapped like every layout's (FSDP's
+        # mixed precision over a one-rank mesh), so one code path serves every world size.
         backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if n == 1 else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, **store)
     return Env(rank, local_rank, n, device)
 
 
@@ -143,7 +146,7 @@ class StopSignal:
         """True on every rank once any rank got a signal: all stop at the same step. Ranks compare
         notes every `every` steps, with a CPU tensor (gloo, also on GPU nodes), so the GPU's
         queue of work is never drained for it."""
-        if not dist.is_initialized():
+        if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.received is not None
         if step % every:
             return False

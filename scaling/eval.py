@@ -33,7 +33,7 @@ def load_any(src: str, device) -> tuple[torch.nn.Module, object]:
     p = Path(src)
     tok_file = next((f for f in (p / "tokenizer.json", *sorted(p.glob("checkpoints/step_*/tokenizer.json")))
                      if f.is_file()), None) if p.is_dir() else None
-    sd, cfg = read_weights(src)
+    sd, cfg, _ = read_weights(src)
     model = GPT(cfg)
     model.load_state_dict(sd)
     model.to(device).eval()

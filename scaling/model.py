@@ -129,38 +129,46 @@ class GPT(nn.Module):
 
         Because no draw depends on the order or the placement of other parameters, the same seed
         gives the same weights whatever the model is split into: a rank holding a shard of a
-        parameter draws the whole parameter and keeps its part (see parallel/).
+        parameter draws the whole parameter and keeps its part (see parallel/). The draws happen
+        on the parameters' device (on a GPU: no host-to-device copy of the whole model per rank),
+        so weights are identical across layouts on one device type; a CPU and a GPU draw
+        differently (compare them from one saved initial state).
         """
         std = 0.02
         resid_std = std / math.sqrt(2 * self.cfg.n_layer)  # GPT-2: scale residual projections
         for name, p in self.named_parameters():
+            dev = p.device
             if name.endswith("bias"):
-                fill_param(p, torch.zeros(p.shape))
+                fill_param(p, torch.zeros(p.shape, device=dev))
             elif p.dim() == 1:  # LayerNorm weights
-                fill_param(p, torch.ones(p.shape))
+                fill_param(p, torch.ones(p.shape, device=dev))
             else:
                 s = resid_std if name.endswith("proj.weight") else std
-                g = torch.Generator().manual_seed(param_seed(seed, name))
-                fill_param(p, torch.normal(0.0, s, p.shape, generator=g))
+                g = torch.Generator(device=dev).manual_seed(param_seed(seed, name))
+                fill_param(p, torch.normal(0.0, s, p.shape, generator=g, device=dev))
 
     def num_params(self) -> int:
         """Parameter count, the tied embedding / LM head counted once."""
         return sum(p.numel() for p in self.parameters())  # parameters() de-duplicates the tie
 
-    def flops_per_token(self, seq_len: int) -> int:
+    def flops_per_token(self, seq_len: int, vocab_size: int | None = None) -> int:
         """Training FLOPs per token, forward + backward (PaLM appendix B): 6N + 12*L*H*Q*T.
 
         N leaves out the position embedding (a lookup) but keeps the tied token embedding once,
         because it is also the LM head's matrix multiply; the second term is attention.
+        vocab_size: the tokenizer's. Rows padded beyond it (for fast kernels) are computed but
+        do no useful work, so they are not counted: padding cannot raise the MFU.
         """
-        n = self.num_params() - self.wpe.weight.numel()
+        padding = (self.cfg.vocab_size - vocab_size) * self.cfg.n_embd if vocab_size else 0
+        n = self.num_params() - self.wpe.weight.numel() - padding
         c = self.cfg
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None):
-        """Sample max_new_tokens after idx (B, T). temperature 0 means greedy."""
+                 generator: torch.Generator | None = None, vocab_size: int | None = None):
+        """Sample max_new_tokens after idx (B, T). temperature 0 means greedy. vocab_size: the
+        tokenizer's; ids at or above it (a vocabulary padded for fast kernels) are never drawn."""
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.cfg.block_size:]
             T = ctx.shape[1]
@@ -173,6 +181,8 @@ class GPT(nn.Module):
             if hasattr(logits, "full_tensor"):  # vocabulary-sharded under tensor parallelism
                 logits = logits.full_tensor()
             logits = logits.float()
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float("-inf")
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -193,7 +203,7 @@ def param_seed(seed: int, name: str) -> int:
 
 
 def fill_param(p: torch.Tensor, full: torch.Tensor):
-    """Copy a full-size CPU tensor into p, which may be a plain tensor or a DTensor shard."""
+    """Copy a full-size tensor (on p's device) into p, which may be a plain tensor or a DTensor shard."""
     if hasattr(p, "device_mesh"):  # DTensor: keep only this rank's part of the full tensor
         from torch.distributed.tensor import distribute_tensor
         full = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)

@@ -6,16 +6,17 @@ batch that fits, and step time and time to the recipe's tokens at an assumed MFU
 Memory per rank (bytes), P parameters, s sequence length, b micro batch, h width, L layers,
 V vocabulary, t tensor-parallel degree, d the FSDP shard degree:
 - parameters, gradients, AdamW m and v: 4 bytes each per parameter (fp32 master weights; bf16
-  compute comes from FSDP's mixed precision or autocast), divided by d x t under FSDP and by t
-  under DDP;
+  compute comes from FSDP's mixed precision), divided by d x t (d is 1 under DDP);
 - communication buffers: FSDP gathers a block's bf16 (or fp32) parameters for the block being
   computed and the one prefetched, holds its unsharded gradients and a reduce-scatter input;
   the root (embeddings, LM head) stays gathered from forward to backward;
+- gradient accumulation with several data-parallel ranks: gradients are reduced once per step,
+  so between micro batches every parameter's unsharded fp32 gradient is held, 4P/t;
 - activations (Korthikanti et al. 2022, attention through SDPA so no s^2 term): per layer
   34*s*b*h bytes in 16-bit (x2 in fp32), / t with sequence parallelism, (10 + 24/t)*s*b*h
   without; a fully checkpointed layer keeps only its input (2*s*b*h) and one layer is live while
-  recomputed; backward adds one MLP's hidden gradients (16*s*b*h); plus the logits, b*s*V*(2 + 8) bytes (bf16 logits, fp32 log-softmax and its
-  gradient), / t with loss parallelism;
+  recomputed; backward adds one MLP's hidden gradients (16*s*b*h); plus the logits, b*s*V*(2 + 4 + 8)
+  bytes (bf16 logits, their fp32 copy, fp32 log-softmax and its gradient), / t with loss parallelism;
 - runtime: the CUDA context and allocator slack (1.5 GB), or on CPU the footprint of a fresh
   Python process with the training code loaded (measured when planning).
 
@@ -66,23 +67,19 @@ def shape_of(cfg: Config, vocab_size: int) -> Shape:
 
 def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
     """Bytes per rank, by part, for micro batch b."""
-    p = cfg.parallel
-    t, d = p.tp, p.dp_shard
-    fsdp = d > 1 or (p.dp_replicate > 1 and t > 1)
-    gpu_bf16 = device == "cuda" and cfg.train.dtype == "bf16"
-    shard = d * t if fsdp else t
+    p, t = cfg.parallel, cfg.parallel.tp
+    shard = p.dp_shard * t  # FSDP2 wraps every layout; DDP is its shard degree of 1
     out = {"parameters": 4 * sh.P / shard, "gradients": 4 * sh.P / shard, "optimizer": 8 * sh.P / shard}
     # FSDP's gathered copies: 2 blocks of parameters (current + prefetched) and one block's
-    # unsharded gradients and reduce-scatter input; the root is kept gathered.
-    gathered = 2 if gpu_bf16 else 4
-    if fsdp:
-        out["comm_buffers"] = (2 * gathered + gathered + 4) * sh.block / t + (gathered + 4) * sh.root / t
-    else:
-        out["comm_buffers"] = 0.0
-    if cfg.train.dtype == "bf16" and not (gpu_bf16 and fsdp):
-        # Autocast keeps a bf16 copy of every weight it casts until the forward ends (under FSDP
-        # the gathered, whole weights: / t only).
-        out["autocast_cache"] = 2 * sh.P / t
+    # unsharded gradients and reduce-scatter input; the root is kept gathered. bf16 is FSDP's
+    # mixed precision on CPUs and GPUs alike: parameters are gathered in bf16.
+    gathered = 2 if cfg.train.dtype == "bf16" else 4
+    out["comm_buffers"] = (2 * gathered + gathered + 4) * sh.block / t + (gathered + 4) * sh.root / t
+    # Gradient accumulation over several data-parallel ranks reduces once per step: between
+    # micro batches FSDP2 holds every parameter's unsharded gradient in fp32.
+    dp = p.dp_replicate * p.dp_shard
+    if dp > 1 and cfg.train.global_batch_size > cfg.train.micro_batch_size * dp:
+        out["accumulated_grads"] = 4 * sh.P / t
     act_bytes = 1 if cfg.train.dtype == "bf16" else 2  # Korthikanti's figures are for 16-bit
     sbh = sh.s * b * sh.h
     full = (34 / t if p.sequence_parallel or t == 1 else 10 + 24 / t) * sbh * act_bytes
@@ -94,7 +91,8 @@ def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
     # activations and of its GELU input, 2 x 4h per token.
     layers += 16 * sbh * act_bytes / t
     vocab_split = t if p.loss_parallel else 1
-    logits = b * sh.s * sh.V * ((2 if cfg.train.dtype == "bf16" else 4) + 8) / vocab_split
+    # The logits (bf16, then FSDP's fp32 copy for the loss, or fp32 only) and log-softmax with its gradient (fp32).
+    logits = b * sh.s * sh.V * ((2 + 4 if cfg.train.dtype == "bf16" else 4) + 8) / vocab_split
     out["activations"] = layers + logits
     out["runtime"] = CUDA_RUNTIME_GB * GB if device == "cuda" else process_rss()
     return out

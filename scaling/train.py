@@ -39,13 +39,6 @@ USAGE = "python -m scaling.train RECIPE [--section.key=value ...]"
 INJECT_NONFINITE_STEP = int(os.environ.get("SCALING_INJECT_NONFINITE_STEP", "0"))
 
 
-def autocast(device: torch.device, dtype: str):
-    """bf16 autocast on CPU and CUDA alike; fp32 runs with no context at all."""
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def dataset_dir(cfg: Config) -> Path:
     """The dataset's folder; the embedded corpus is prepared here on first use."""
     d = Path(cfg.data.root) / cfg.data.dataset
@@ -89,7 +82,7 @@ def evaluate(model, windows: TokenWindows, cfg: Config, device, loss_ctx=context
     for first in range(0, n, cfg.train.micro_batch_size):
         rows = np.stack([windows.window(w) for w in range(first, min(first + cfg.train.micro_batch_size, n))])
         xy = torch.from_numpy(rows.astype(np.int64)).to(device)
-        with loss_ctx(), autocast(device, cfg.train.dtype):
+        with loss_ctx():
             total += local_value(loss_fn(model(xy[:, :-1]), xy[:, 1:])).float() * len(rows)
     model.train()
     return (total / n).item()
@@ -127,12 +120,14 @@ def load_pretrained(model, cfg: Config, log):
     and keeps its own shard of each tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from scaling.convert import read_weights
+    from scaling.convert import pad_vocab, read_weights
     try:
-        sd, src = read_weights(cfg.model.init_from)
+        sd, src, _ = read_weights(cfg.model.init_from)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
     ours = model.cfg
+    if src.vocab_size < ours.vocab_size:  # e.g. GPT-2's 50257 rows into a recipe padded to 50304
+        sd, src = pad_vocab(sd, src, ours.vocab_size)
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
         if getattr(src, key) != getattr(ours, key):
             raise ConfigError(f"model.init_from: {cfg.model.init_from} has {key}={getattr(src, key)}, "
@@ -304,7 +299,9 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
     # Under TP with loss parallelism the logits stay split over the vocabulary into the loss.
     loss_ctx = loss_parallel if dims.tp > 1 and p.loss_parallel else contextlib.nullcontext
-    syncs = dims.fsdp or dims.ddp
+    # With several data-parallel ranks, reduce gradients once per step, after the last micro
+    # batch; alone, reduce every micro batch (a copy) rather than hold an unsharded fp32 copy.
+    syncs = dims.dp > 1
     guard = SpikeGuard(t.spike_zscore, t.spike_window)
     ckpt = checkpoint.Checkpointer(cfg, tokenizer_spec, run_id or checkpoint.new_run_id())
     if resume:
@@ -318,7 +315,7 @@ def train(cfg: Config) -> dict:
             load_pretrained(model, cfg, log)
     stop = distributed.StopSignal()
 
-    flops_per_token = model.flops_per_token(t.seq_len)
+    flops_per_token = model.flops_per_token(t.seq_len, meta["vocab_size"])
     peak = peak_flops(device)
     tokens_per_step = t.global_batch_size * t.seq_len
     log(f"model: {model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
@@ -345,16 +342,15 @@ def train(cfg: Config) -> dict:
         micro_batches = train_loader.next_step()
         timer.mark("data")
         for i, (x, y) in enumerate(micro_batches):
-            if syncs:  # reduce gradients once per step, after the last micro batch
+            if syncs:
                 model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with loss_ctx():
-                with autocast(device, t.dtype):
-                    # Every micro batch holds the same number of tokens, so the mean of the
-                    # per-micro-batch means (over micro batches here, over ranks in the gradient
-                    # reduction) is the mean over the global batch's tokens.
-                    loss = loss_fn(model(x), y) / len(micro_batches)
-                    if step + 1 == INJECT_NONFINITE_STEP:
-                        loss = loss * float("nan")
+                # Every micro batch holds the same number of tokens, so the mean of the
+                # per-micro-batch means (over micro batches here, over ranks in the gradient
+                # reduction) is the mean over the global batch's tokens.
+                loss = loss_fn(model(x), y) / len(micro_batches)
+                if step + 1 == INJECT_NONFINITE_STEP:
+                    loss = loss * float("nan")
                 loss.backward()
             loss_sum += local_value(loss.detach())
         timer.mark("compute")
@@ -434,7 +430,7 @@ def sample_text(model, tokenizer, prompt: str, n: int, temperature=0.8, top_k=20
     idx = torch.tensor([ids], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     model.eval()
-    out = model.generate(idx, n, temperature=temperature, top_k=top_k, generator=g)
+    out = model.generate(idx, n, temperature=temperature, top_k=top_k, generator=g, vocab_size=tokenizer.vocab_size)
     model.train()
     return tokenizer.decode(out[0].tolist())
 

@@ -38,7 +38,7 @@ def test_huggingface_folder_imports_with_identical_logits(tmp_path):
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     run_module("scaling.convert", tmp_path / "hf", tmp_path / "ours.pt", check=True)
-    sd, gcfg = read_weights(tmp_path / "ours.pt")
+    sd, gcfg, _ = read_weights(tmp_path / "ours.pt")
     from scaling.model import GPT
     model = GPT(gcfg).eval()
     model.load_state_dict(sd)
@@ -53,7 +53,7 @@ def test_nanogpt_checkpoint_with_compile_prefixes_imports(trained, tmp_path):
     torch.save({"model": sd, "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                                                 block_size=c.block_size, bias=True, vocab_size=c.vocab_size,
                                                 dropout=0.0), "iter_num": 5000}, tmp_path / "ckpt.pt")
-    back, gcfg = read_weights(tmp_path / "ckpt.pt")
+    back, gcfg, _ = read_weights(tmp_path / "ckpt.pt")
     assert gcfg == ours.cfg
     for k, v in ours.state_dict().items():
         assert torch.equal(back[k], v), k
@@ -133,7 +133,7 @@ def test_a_failed_export_leaves_the_file_already_at_dst(trained, tmp_path, monke
     from scaling.convert import write_weights
     run_module("scaling.convert", trained, tmp_path / "ours.pt", check=True)
     before = (tmp_path / "ours.pt").read_bytes()
-    sd, cfg = read_weights(tmp_path / "ours.pt")
+    sd, cfg, _ = read_weights(tmp_path / "ours.pt")
 
     def disk_full(obj, f):
         open(f, "wb").write(b"half a file")
@@ -179,3 +179,56 @@ def test_sample_prompt_outside_the_char_alphabet_exits_2_with_one_line(tmp_path,
         main([str(tmp_path), "--prompt", "cab!"])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: --prompt: character '!' is not in this dataset's alphabet\n"
+
+
+@pytest.fixture(scope="module")
+def padded(data_root, tmp_path_factory):
+    """The tiny run with its byte vocabulary (257 ids) padded to 320 rows, as GPT-2 recipes pad
+    50257 to 50304."""
+    run_dir = tmp_path_factory.mktemp("padded")
+    run_module("scaling.train", *tiny_args(data_root, run_dir, "--model.vocab_size=320"), check=True)
+    return run_dir
+
+
+def test_export_of_a_padded_vocabulary_gives_huggingface_the_real_rows_with_identical_logits(padded, tmp_path):
+    run_module("scaling.convert", padded, tmp_path / "hf", "--to", "hf", check=True)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours, tok, _ = load_model(padded)
+    assert ours.cfg.vocab_size == 320 and hf.config.vocab_size == tok.vocab_size == 257
+    assert (logits(hf, 257) - logits(ours, 257)[..., :257]).abs().max() <= 1e-5
+
+
+def test_import_into_a_padded_vocabulary_keeps_the_real_logits_and_gives_padding_little_mass():
+    from scaling.convert import pad_vocab
+    from scaling.model import GPT, gpt_config
+    torch.manual_seed(0)
+    small = GPT(gpt_config("tiny", vocab_size=257, block_size=16)).eval()
+    small.init_weights(0)
+    sd, cfg = pad_vocab(small.state_dict(), small.cfg, 320)
+    big = GPT(cfg).eval()
+    big.load_state_dict(sd)
+    a, b = logits(small, 257), logits(big, 257)
+    assert torch.equal(a, b[..., :257])
+    padding_mass = b.softmax(-1)[..., 257:].sum(-1)
+    assert padding_mass.max() < 63 / 257  # at most their share of a uniform distribution
+
+
+def test_generation_never_samples_a_padded_id():
+    from scaling.model import GPT, gpt_config
+    model = GPT(gpt_config("tiny", vocab_size=320, block_size=16)).eval()
+    model.init_weights(0)
+    with torch.no_grad():
+        model.wte.weight[257:] = 100 * model.wte.weight[:257].mean(0)  # padded ids would win every draw
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    greedy = model.generate(idx, 8, temperature=0, vocab_size=257)
+    drawn = model.generate(idx, 8, temperature=2.0, generator=torch.Generator().manual_seed(0), vocab_size=257)
+    assert greedy.max() < 257 and drawn.max() < 257
+    assert model.generate(idx, 8, temperature=0).max() >= 257  # without the limit they would
+
+
+def test_padded_rows_do_not_count_in_the_flops_behind_mfu():
+    from scaling.model import GPT, gpt_config
+    with torch.device("meta"):
+        real, padded = (GPT(gpt_config("gpt2", vocab_size=v)) for v in (50257, 50304))
+    assert padded.flops_per_token(1024, vocab_size=50257) == real.flops_per_token(1024)
+    assert padded.flops_per_token(1024) > real.flops_per_token(1024)

@@ -43,11 +43,13 @@ def test_gpt2_recipe_builds_at_its_target_world_size_with_gpt2s_parameter_count(
     cfg.parallel.compile = False
     counts = measure(cfg, RECIPES[name])  # meta device, the recipe's real plan, every rank
     r = plan(cfg, RECIPES[name], "h100", None, 0.4, "cuda")
-    assert r["parameters"] == GPT2[cfg.model.size]
+    padded = GPT2[cfg.model.size] + (cfg.model.vocab_size - 50257) * cfg.model.n_embd  # vocabulary rows added
+    assert cfg.model.vocab_size % (64 * cfg.parallel.tp) == 0  # tensor-core-sized on every TP shard
+    assert r["parameters"] == padded
     planned = r["memory"]["parameters"] / 4
     assert all(abs(c / planned - 1) < 0.02 for c in counts), (counts, planned)
     if cfg.parallel.tp == 1:
-        assert sum(counts) == GPT2[cfg.model.size] * cfg.parallel.dp_replicate  # each shard held once
+        assert sum(counts) == padded * cfg.parallel.dp_replicate  # each shard held once
     assert r["fits"]
 
 
@@ -57,43 +59,50 @@ from scaling.config import load_config
 from scaling.distributed import init
 from scaling.optim import build_optimizer
 from scaling.parallel import ParallelDims, build_mesh
-from scaling.train import build_model, local_value
-cfg = load_config(None, ["--model.size=nano", "--model.block_size=256", "--model.vocab_size=50257",
-                         "--parallel.dp_shard=-1"])
+from scaling.train import build_model
+cfg = load_config(None, ARGS)
 init("cpu", 120)
 p = cfg.parallel
 dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
 mesh, _ = build_mesh(dims, "cpu")
 model = build_model(cfg, 50257, dims, mesh, torch.device("cpu"))
 opt = build_optimizer(model, cfg.optim)
+# Two micro batches, gradients reduced after the second: between them FSDP holds unsharded ones.
+model.set_requires_gradient_sync(False)
+model(torch.randint(0, 50257, (2, 32))).float().mean().backward()
+fsdp_params = [fp for m in [*model.blocks, model] for fp in m._get_fsdp_state()._fsdp_param_group.fsdp_params]
+held = sum(x.numel() * x.element_size() for fp in fsdp_params
+           for x in (fp.unsharded_accumulated_grad, fp._unsharded_param.grad) if x is not None)
+model.set_requires_gradient_sync(True)
 model(torch.randint(0, 50257, (2, 32))).float().mean().backward()
 opt.step()
 local = lambda t: t.to_local() if hasattr(t, "to_local") else t
 params = sum(local(q).numel() * 4 for q in model.parameters())
 state = sum(local(v).numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
 with open(f"bytes_rank{dist.get_rank()}.txt", "w") as f:  # files, not stdout: ranks' prints interleave
-    f.write(f"{params} {state}")
+    f.write(f"{params} {state} {held}")
 dist.destroy_process_group()
 """
 
 
 @pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_planned_parameter_and_optimizer_bytes_match_real_fsdp_shards(n, tmp_path):
+def test_planned_parameter_optimizer_and_accumulation_bytes_match_real_fsdp_shards(n, tmp_path):
+    args = ["--model.size=nano", "--model.block_size=256", "--model.vocab_size=50304", "--parallel.dp_shard=-1",
+            "--train.dtype=bf16", "--train.micro_batch_size=2", f"--train.global_batch_size={4 * n}"]
     script = tmp_path / "probe.py"
-    script.write_text(SHARD_PROBE)
+    script.write_text(SHARD_PROBE.replace("ARGS", repr(args)))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                         str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [list(map(int, (tmp_path / f"bytes_rank{r}.txt").read_text().split())) for r in range(n)]
-    cfg = load_for_world(None, n, ["--model.size=nano", "--model.block_size=256", "--model.vocab_size=50257",
-                                   "--parallel.dp_shard=-1"])
-    mem = plan(cfg, n, "h100", None, 0.4, "cpu")["memory"]
-    for params, state in rows:
+    mem = plan(load_for_world(None, n, args), n, "h100", None, 0.4, "cpu")["memory"]
+    for params, state, held in rows:
         assert params == pytest.approx(mem["parameters"], rel=0.02)
         assert state == pytest.approx(mem["optimizer"], rel=0.02)
-    print(f"FSDP({n}) per rank: planned {mem['parameters'] + mem['optimizer']:,.0f} B, measured",
-          [a + b for a, b in rows])
+        assert held == pytest.approx(mem["accumulated_grads"], rel=0.02)  # the whole model's, in fp32
+    print(f"FSDP({n}) per rank: planned {mem['parameters'] + mem['optimizer']:,.0f} B + "
+          f"{mem['accumulated_grads']:,.0f} B while accumulating, measured", rows)
 
 
 @pytest.mark.slow

@@ -2,13 +2,14 @@
 
 TP first (it turns parameters into DTensors on the tp mesh), then activation checkpointing and
 torch.compile per block (both wrap block.forward in place, so parameter names never change),
-then FSDP/HSDP or DDP over the data-parallel part of the mesh, outermost.
+then FSDP2 over the data-parallel part of the mesh, outermost. FSDP2 wraps every layout: DDP is
+its replicate-only case (shard degree 1), a single process or pure TP a one-rank mesh, so its
+mixed-precision policy is the one bf16 mechanism everywhere, on CPUs and GPUs alike.
 """
 
 import torch
 
 from scaling.parallel.ac import apply_ac
-from scaling.parallel.ddp import apply_ddp
 from scaling.parallel.dims import ParallelDims, build_mesh, check_model, dp_rank, resolve_dims
 from scaling.parallel.fsdp import apply_fsdp
 from scaling.parallel.tp import apply_tp
@@ -24,13 +25,8 @@ def parallelize(model, dims: ParallelDims, mesh, pcfg, device: torch.device, dty
     if pcfg.compile:
         for block in model.blocks:
             block.compile()  # in place: keeps the names that checkpoints and init rely on
-    if dims.fsdp:
-        dp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        # On GPUs the parameters are gathered in bf16 (reduced in fp32); on CPUs bf16 comes from
-        # autocast, with fp32 parameters.
-        param_dtype = torch.bfloat16 if dtype == "bf16" and device.type == "cuda" else None
-        apply_fsdp(model, dp_mesh, param_dtype, pcfg.reshard_after_forward,
-                   force_sum_reduction=device.type == "cpu")
-    elif dims.ddp:
-        apply_ddp(model, mesh["dp_replicate"])
+    # (dp_replicate, dp_shard) as HSDP's 2-D mesh when replicating, else the shard dimension.
+    dp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    apply_fsdp(model, dp_mesh, torch.bfloat16 if dtype == "bf16" else None, pcfg.reshard_after_forward,
+               force_sum_reduction=device.type == "cpu")
     return model

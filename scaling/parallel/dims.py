@@ -6,7 +6,6 @@ neighbouring ranks (on one node, where the bandwidth is), data-parallel groups s
 
 from dataclasses import dataclass
 
-import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from scaling.config import ConfigError
@@ -31,11 +30,12 @@ class ParallelDims:
 
     @property
     def fsdp(self) -> bool:
-        # HSDP with a shard degree of 1 is still FSDP's machinery; it is what composes with TP.
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and self.tp > 1)
+        """Parameters sharded over data-parallel ranks (FSDP, HSDP)."""
+        return self.dp_shard > 1
 
     @property
     def ddp(self) -> bool:
+        """Replicated over data-parallel ranks only (FSDP's machinery with a shard degree of 1)."""
         return self.dp_replicate > 1 and not self.fsdp
 
     def describe(self) -> str:
@@ -76,14 +76,12 @@ def check_model(dims: ParallelDims, n_head: int, n_embd: int):
         raise ConfigError(f"parallel.tp: {dims.tp} does not divide the MLP width {4 * n_embd}")
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh | None, DeviceMesh | None]:
+def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
     """The 3-D mesh (dp_replicate, dp_shard, tp) and its data-parallel part flattened to one
-    dimension (what the loader splits over); (None, None) for one process."""
-    if dims.world_size == 1:
-        return None, None
+    dimension (what the loader splits over). One process gets a mesh of one."""
     mesh = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=NAMES)
     return mesh, mesh[("dp_replicate", "dp_shard")]._flatten("dp")
 
 
-def dp_rank(dp_mesh: DeviceMesh | None) -> int:
-    return 0 if dp_mesh is None else dp_mesh.get_local_rank()
+def dp_rank(dp_mesh: DeviceMesh) -> int:
+    return dp_mesh.get_local_rank()
