@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow test-all bench install clean
+.PHONY: demo test test-slow test-all bench gpu-check install clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ test-all: test test-slow
 
 bench: install
 	$(BIN)/python -m scaling.bench
+
+# The GPU acceptance run (about 8 minutes on one GPU; on a CPU it runs its CPU parts only).
+# GPU machines often have torch but no network: this runs the checkout in place with whatever
+# Python has torch (the .venv if there is one), installing nothing.
+gpu-check:
+	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m scaling.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data/embedded

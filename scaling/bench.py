@@ -49,7 +49,7 @@ SHAPES = {
 }
 
 
-def reference_loop(cfg, steps: int, warmup: int) -> float:
+def reference_loop(cfg, steps: int, warmup: int, compile: bool = False) -> float:
     """Plain PyTorch: random windows from a token tensor, forward, backward, clip, AdamW, bf16
     by autocast (nanoGPT's way). Returns tokens/s over the timed steps."""
     device = pick_device(cfg.train.device)
@@ -58,6 +58,8 @@ def reference_loop(cfg, steps: int, warmup: int) -> float:
     tokens = torch.from_numpy(TokenWindows(data_dir, "train", t.seq_len).files[0][:2_000_000].astype("int64"))
     model = GPT(model_config(cfg, load_meta(data_dir)["vocab_size"])).to(device)
     model.init_weights(t.seed)
+    if compile:  # the whole model, nanoGPT's way (warm-up steps include the compilation)
+        model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
     g = torch.Generator().manual_seed(t.seed)

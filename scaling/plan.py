@@ -62,7 +62,7 @@ def shape_of(cfg: Config, vocab_size: int) -> Shape:
     block = sum(p.numel() for p in model.blocks[0].parameters())
     P = model.num_params()
     return Shape(P=P, L=m.n_layer, h=m.n_embd, V=model.cfg.vocab_size, s=cfg.train.seq_len, block=block,
-                 root=P - m.n_layer * block, flops_per_token=model.flops_per_token(cfg.train.seq_len))
+                 root=P - m.n_layer * block, flops_per_token=model.flops_per_token(cfg.train.seq_len, min(vocab_size, model.cfg.vocab_size)))
 
 
 def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
@@ -159,8 +159,8 @@ def report(cfg: Config, r: dict, gpus: int, gpu: str, mfu: float) -> str:
              f"activation_checkpoint={p.activation_checkpoint})",
              f"per rank, micro batch {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens:"]
     for k, v in r["memory"].items():
-        lines.append(f"  {k:13} {v / GB:8.2f} GB")
-    lines.append(f"  {'total':13} {r['total'] / GB:8.2f} GB of {r['capacity'] / GB:.0f} GB: "
+        lines.append(f"  {k:17} {v / GB:8.2f} GB")
+    lines.append(f"  {'total':17} {r['total'] / GB:8.2f} GB of {r['capacity'] / GB:.0f} GB: "
                  f"{'fits' if r['fits'] else 'DOES NOT FIT'}; largest micro batch that fits: {r['largest_micro_batch']}")
     lines.append(f"at {mfu:.0%} MFU: {r['tokens_per_sec']:,.0f} tokens/s, {r['step_s']:.2f} s per step of "
                  f"{r['tokens_per_step']:,} tokens, {duration(r['run_s'])} for {cfg.train.max_steps:,} steps "

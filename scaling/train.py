@@ -330,7 +330,7 @@ def train(cfg: Config) -> dict:
     if val_windows and start == 0:  # the starting point, for comparison
         metrics.log({"step": 0, "val_loss": evaluate(model, val_windows, cfg, device, loss_ctx),
                      "tokens": 0, "elapsed_s": metrics.elapsed()})
-    t_log, steps_since_log = time.perf_counter(), 0
+    t_log, steps_since_log, save_block_s = time.perf_counter(), 0, None
     timer = StepTimer(device, ("data", "compute", "optim"))
     nonfinite = NonFiniteSteps(device, t.on_nonfinite, log)
     for step in range(start, t.max_steps):
@@ -380,6 +380,8 @@ def train(cfg: Config) -> dict:
                     **{f"{k}_ms": v / steps_since_log for k, v in timer.read_ms().items()},
                     **memory(device), "skipped_steps": nonfinite.total, "spike_skips": guard.skipped, "tokens": tokens,
                     "elapsed_s": metrics.elapsed()}
+            if save_block_s is not None:  # how long the last save held up training (async: staging only)
+                last["save_block_s"], save_block_s = save_block_s, None
             metrics.log(last)
             loss_sum.zero_()
             t_log, steps_since_log = time.perf_counter(), 0
@@ -395,6 +397,7 @@ def train(cfg: Config) -> dict:
         if (every and done % every == 0) or done == t.max_steps or stopping:
             nonfinite.report(ckpt, metrics)  # under train.on_nonfinite=stop, never save past a NaN
             ckpt.save(done, train_state(model, optimizer, train_loader, guard, done, tokens))
+            save_block_s = time.perf_counter() - t_save
         ckpt.poll()
         t_log += time.perf_counter() - t_save
         if stopping:

@@ -19,7 +19,6 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 
 def apply_tp(model, tp_mesh: DeviceMesh, loss_parallel: bool = True, sequence_parallel: bool = True):
     seq = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
-    norm = SequenceParallel if sequence_parallel else None
     parallelize_module(model, tp_mesh, {
         # Vocabulary-parallel embedding; its output leaves in the residual stream's layout.
         "wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
