@@ -40,14 +40,19 @@ def main(argv=None):
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: the run's train.dtype, so a bf16 run samples as its own end-of-training "
+                         "sample did (bf16 weights and activations, fp32 logits)")
     a = ap.parse_args(argv)
     check_args(a)
     from scaling.checkpoint import load_model
     try:
         device = pick_device(a.device)
-        model, tok, _ = load_model(a.path, device=device)
+        model, tok, cfg = load_model(a.path, device=device)
     except (OSError, ValueError, ConfigError) as e:  # OSError: no network for GPT-2's BPE files, too
         die(str(e))
+    if (cfg.train.dtype if a.dtype == "auto" else a.dtype) == "bf16":
+        model.to(torch.bfloat16)  # what FSDP's bf16 mixed precision computes with, in one process
     try:
         tok.encode(a.prompt)
     except ValueError as e:  # the char tokenizer knows only its dataset's alphabet

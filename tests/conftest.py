@@ -1,5 +1,6 @@
 """Shared test set-up: offline environment, vendored data from ../shared, helpers to run the CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,16 @@ GPT2_BPE = SHARED / "data" / "gpt2_bpe"
 # No network in tests: every library that could reach out is told not to.
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline",
                   WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """scaling.train in this process (one rank) leaves its process group of one for the next call,
+    as a script would; tests start from none (the planner's --measure makes fake worlds of its own)."""
+    yield
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -124,6 +135,19 @@ def run_torchrun(nproc, module, *args, timeout=300, env=None, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"torchrun {module} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def run_layout_probe(script: str, data_root, layouts: dict, tmp) -> dict:
+    """Run `script` under torchrun on 4 CPU processes as `probe.py DATA_ROOT LAYOUTS_JSON OUT TINY`
+    (each layout's overrides in turn, in one process group); returns the JSON it writes to OUT."""
+    (tmp / "probe.py").write_text(script)
+    out = tmp / "result.json"
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                        str(tmp / "probe.py"), str(data_root), json.dumps(layouts), str(out), str(TINY)],
+                       cwd=tmp, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def read_metrics(run_dir):

@@ -7,14 +7,9 @@ One torchrun of 4 processes walks through the layouts (each builds its own mesh 
 way scaling.train does) and writes what it saw; the test reads it.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import run_layout_probe
 
 PROBE = r'''
 import contextlib, json, os, sys
@@ -23,7 +18,8 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 from scaling.config import load_config
 from scaling.parallel import ParallelDims, build_mesh
-from scaling.train import build_model, loss_fn, seed_dropout
+from scaling.model import GPT
+from scaling.train import build_model, loss_fn, model_config, seed_dropout
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -54,7 +50,8 @@ result = {}
 if rank == 0:  # the single-process reference: the same weights (per-name init), the whole batch
     cfg = load_config(sys.argv[4], [f"--data.root={data_root}", "--model.dropout=0.2"])
     torch.manual_seed(0)
-    ref = build_model(cfg, 257, ParallelDims(1, 1, 1), None, torch.device("cpu"))
+    ref = GPT(model_config(cfg, 257))  # the bare model: in fp32, FSDP's wrapper changes no number
+    ref.init_weights(cfg.train.seed)
     on, off = dropout_losses(ref, batch, contextlib.nullcontext)
     result["single"] = {"on": on, "off": off}
 for name, overrides in layouts.items():
@@ -84,13 +81,12 @@ for name, overrides in layouts.items():
     differ = []
     for pname, prm in model.named_parameters():
         grad = prm.grad
-        if isinstance(prm, DTensor):
-            if dims.tp == 1 or not isinstance(prm.placements[-1], Replicate):
-                continue
-            local = grad.to_local().contiguous()
-            group = mesh["tp"].get_group()
-        else:  # DDP: replicated over every rank
-            local, group = grad.contiguous(), None
+        if dims.tp == 1 and dims.dp_shard == 1:  # DDP: replicated over every rank
+            local, group = grad.to_local().contiguous(), None
+        elif dims.tp > 1 and isinstance(prm.placements[-1], Replicate):
+            local, group = grad.to_local().contiguous(), mesh["tp"].get_group()
+        else:
+            continue
         got = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(got, local, group=group)
         if not all(torch.equal(got[0], x) for x in got[1:]):
@@ -117,15 +113,7 @@ LAYOUTS = {  # 4 processes each: (dp_replicate, dp_shard, tp) and sequence paral
 
 @pytest.fixture(scope="module")
 def probe(data_root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dropout")
-    (tmp / "probe.py").write_text(PROBE)
-    out = tmp / "result.json"
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                        str(tmp / "probe.py"), str(data_root), json.dumps(LAYOUTS), str(out), str(TINY)],
-                       cwd=tmp, env=e, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_layout_probe(PROBE, data_root, LAYOUTS, tmp_path_factory.mktemp("dropout"))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

