@@ -51,12 +51,12 @@ def main(argv=None):
         model, tok, cfg = load_model(a.path, device=device)
     except (OSError, ValueError, ConfigError) as e:  # OSError: no network for GPT-2's BPE files, too
         die(str(e))
-    if (cfg.train.dtype if a.dtype == "auto" else a.dtype) == "bf16":
-        model.to(torch.bfloat16)  # what FSDP's bf16 mixed precision computes with, in one process
     try:
         tok.encode(a.prompt)
     except ValueError as e:  # the char tokenizer knows only its dataset's alphabet
         die(f"--prompt: {e}")
+    if (cfg.train.dtype if a.dtype == "auto" else a.dtype) == "bf16":
+        model.to(torch.bfloat16)  # what FSDP's bf16 mixed precision computes with, in one process
     for i in range(a.num_samples):
         text = sample_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
                            seed=a.seed + i, device=device)
