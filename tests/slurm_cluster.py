@@ -66,7 +66,9 @@ class Cluster:
 
     def start(self):
         host = socket.gethostname()
-        base = 16800 + os.getpid() % 1000 * 4
+        # 10000-13999: below the launcher's rendezvous ports (20000 + job id % 12000), which a
+        # daemon's port here would otherwise take (job 1 met slurmd on 20001 once).
+        base = 10000 + os.getpid() % 1000 * 4
         (self.d / "state").mkdir(parents=True, exist_ok=True)
         (self.d / "slurm.conf").write_text(CONF.format(host=host, d=self.d, ctld_port=base,
                                                        node_port=base + 1, node_port_2=base + 2))
