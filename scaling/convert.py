@@ -189,11 +189,13 @@ def strip_vocab(sd: dict[str, torch.Tensor], cfg: GPTConfig, vocab_size: int) ->
     return {**sd, "wte.weight": wte, "lm_head.weight": wte}, replace(cfg, vocab_size=vocab_size)
 
 
-def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, to: str, vocab: int | None = None):
+def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, to: str,
+                  vocab: int | None = None) -> GPTConfig:
     """Each file is written under a temporary name and renamed when complete: an error or a kill
     midway leaves whatever dst held before. vocab: the token ids in use; a Hugging Face export is
     cut to them (GPT2LMHeadModel then loads GPT-2's 50257 rows from a model padded to 50304),
-    while nanoGPT (which trains GPT-2 padded itself) and our .pt keep the model's rows."""
+    while nanoGPT (which trains GPT-2 padded itself) and our .pt keep the model's rows. Returns the
+    shape written."""
     dst = Path(dst)
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     if to == "hf" and vocab is not None and vocab < cfg.vocab_size:
@@ -217,6 +219,7 @@ def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, 
     else:
         sd.pop("lm_head.weight", None)  # tied to wte.weight
         _replace(dst, lambda t: torch.save({"model": sd, "gpt_config": asdict(cfg), "vocab": vocab or cfg.vocab_size}, t))
+    return cfg
 
 
 def _replace(path: Path, write):
@@ -245,9 +248,7 @@ def main(argv=None):
         die(f"{a.dst}: is a folder, --to {a.to} writes one file")
     try:
         sd, cfg, vocab = read_weights(a.src)
-        write_weights(sd, cfg, dst, a.to, vocab)
-        if a.to == "hf":
-            cfg = replace(cfg, vocab_size=min(vocab, cfg.vocab_size))
+        cfg = write_weights(sd, cfg, dst, a.to, vocab)
     except (OSError, ValueError) as e:
         die(str(e))
     n = sum(v.numel() for k, v in sd.items() if k not in ("lm_head.weight", "wte.weight")) + cfg.vocab_size * cfg.n_embd

@@ -23,7 +23,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def memory(device: torch.device, reset: bool = True) -> dict:
+def memory(device: torch.device) -> dict:
     """Memory in GB since the last call (the peaks are reset after reading): on CUDA the peak
     allocated and reserved and the allocator's retries (a retry frees cached blocks and tries
     again: a run close to the limit), on CPU the current and peak resident set size."""
@@ -31,13 +31,11 @@ def memory(device: torch.device, reset: bool = True) -> dict:
         out = {"mem_gb": torch.cuda.max_memory_allocated(device) / 1e9,
                "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9,
                "num_alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0)}
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)
         return out
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     rss, peak = (int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
-    if reset:
-        _reset_peak_rss()
+    _reset_peak_rss()
     return {"mem_gb": rss / 1e9, "peak_mem_gb": max(rss, peak) / 1e9}
 
 
