@@ -41,13 +41,26 @@ class TokenWriter:
     """Streams token ids into one token file. Written under a temporary name and renamed on
     close, so a crash never leaves a file that looks complete."""
 
-    def __init__(self, path: str | Path, vocab_size: int):
+    def __init__(self, path: str | Path, vocab_size: int, resume_count: int | None = None):
+        """resume_count: continue an unfinished file after its first resume_count tokens (what
+        was written after them is dropped); the temporary file must hold at least that many."""
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.dtype = token_dtype(vocab_size)
-        self.count = 0
-        self.f = open(self.tmp, "wb")
-        self.f.write(b"\0" * HEADER_BYTES)
+        if resume_count is None:
+            self.count = 0
+            self.f = open(self.tmp, "wb")
+            self.f.write(b"\0" * HEADER_BYTES)
+        else:
+            size = HEADER_BYTES + resume_count * self.dtype.itemsize
+            if not self.tmp.exists() and self.path.is_file():  # finished after the count was recorded
+                os.replace(self.path, self.tmp)
+            if not self.tmp.is_file() or self.tmp.stat().st_size < size:
+                raise DataError(f"{self.tmp}: holds fewer than the {resume_count} tokens recorded")
+            self.count = resume_count
+            self.f = open(self.tmp, "r+b")
+            self.f.truncate(size)
+            self.f.seek(size)
 
     def write(self, ids):
         a = np.ascontiguousarray(ids, dtype=self.dtype)
@@ -57,9 +70,15 @@ class TokenWriter:
     def close(self) -> int:
         self.f.seek(0)
         self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count))
+        self.sync()
         self.f.close()
         os.replace(self.tmp, self.path)
         return self.count
+
+    def sync(self):
+        """On disk, not just in the page cache: a record of progress may now name this file."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
 
 
 def write_tokens(path: str | Path, ids, vocab_size: int) -> int:
