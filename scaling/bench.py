@@ -156,6 +156,7 @@ def prepare_speed(workers: int, rounds: int, repeat: int) -> dict:
     offline_bpe()
 
     from scaling.prepare import stdlib_files, write_dataset
+    from scaling.sources import listed
     from scaling.tokenizer import GPT2Tokenizer
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()] * repeat
     docs = [("val" if i % 20 == 0 else "train", t) for i, t in enumerate(texts)]
@@ -170,7 +171,7 @@ def prepare_speed(workers: int, rounds: int, repeat: int) -> dict:
         for w in sorted({1, workers}):
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
-                write_dataset(d, GPT2Tokenizer(), docs, source="bench", workers=w)
+                write_dataset(d, GPT2Tokenizer(), listed(docs, "bench"), workers=w)
                 times.setdefault(f"pipeline_{w}_workers", []).append(time.perf_counter() - t0)
     plain = n / statistics.median(times["plain_loop"])
     res = {"corpus_tokens": n, "corpus_repeat": repeat, "rounds": rounds}
@@ -185,12 +186,13 @@ def prepare_speed(workers: int, rounds: int, repeat: int) -> dict:
 PEAK_PROBE = """
 import resource, sys, tempfile
 from scaling.prepare import stdlib_files, write_dataset
+from scaling.sources import listed
 from scaling.tokenizer import GPT2Tokenizer
 files, repeat, shard_tokens = stdlib_files(), int(sys.argv[1]), int(sys.argv[2])
 docs = ((("val" if i % 20 == 0 else "train"), p.read_text(encoding="utf-8", errors="replace"))
         for r in range(repeat) for i, p in enumerate(files))
 with tempfile.TemporaryDirectory() as d:
-    meta = write_dataset(d, GPT2Tokenizer(), docs, source="bench", shard_tokens=shard_tokens)
+    meta = write_dataset(d, GPT2Tokenizer(), listed(docs, "bench"), shard_tokens=shard_tokens)
 splits = meta["splits"].values()
 print(sum(s["tokens"] for s in splits), sum(len(s["files"]) for s in splits),
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)

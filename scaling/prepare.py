@@ -1,12 +1,17 @@
 """Dataset preparation shared by every data/<name>/prepare.py: documents -> token files.
 
-Each dataset is a function from an input (a download by default, or a local text / JSONL /
-parquet file or `datasets` folder given with --input) to documents per split; one pipeline
-tokenizes them in batches on every core (a pool of worker processes for GPT-2 BPE), appends the
-end-of-text token per document, and streams the ids into shards of SHARD_TOKENS tokens, so
-memory stays bounded whatever the corpus size. meta.json is written last and marks a complete
-dataset. Everything is written into a staging folder beside the output and moved in only once
-complete: a bad input, an error or a kill never costs the dataset already there.
+Each dataset is a function from an input (the hub's parquet files by default, or a local file or
+folder given with --input; scaling/sources.py reads them) to documents with their split; one
+pipeline tokenizes them in batches on every core (a pool of worker processes for GPT-2 BPE),
+appends the end-of-text token per document, and streams the ids into shards of SHARD_TOKENS
+tokens, so memory stays bounded whatever the corpus size.
+
+Everything is written into a staging folder beside the output and moved in only once complete:
+a bad input, an error or a kill never costs the dataset already there. Each time a shard is
+finished, progress.json in the staging folder records how many documents are written and how far
+each split's open file goes; the same command run again continues from there (the open files cut
+back to that point), so an interrupted preparation ends byte-identical to an uninterrupted one.
+--restart discards it. meta.json is written last and marks a complete dataset.
 
 The embedded corpus lives here too: the Python standard library's own source, present on every
 machine that runs this code, so the demo needs no download.
@@ -19,18 +24,22 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import sysconfig
 import time
-import urllib.error
 from pathlib import Path
 
 import numpy as np
 
 from scaling.config import die
-from scaling.data import DataError, TokenWriter, load_meta, token_dtype
+from scaling.data import DataError, TokenWriter, load_meta, read_tokens, token_dtype
+from scaling.sources import (NETWORK_ERRORS, Documents, hub_parquet, is_network_error, listed, local_documents,
+                             no_network, parquet_documents)
 from scaling.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
 
 SHARD_TOKENS = 100_000_000  # tokens per file before a split starts its next file
+PROGRESS = "progress.json"  # in the staging folder: where an interrupted preparation continues
 
 
 class SplitWriter:
@@ -41,6 +50,7 @@ class SplitWriter:
         self.out_dir, self.split, self.vocab_size = out_dir, split, vocab_size
         self.shard_tokens = shard_tokens
         self.files, self.tokens, self.docs = [], 0, 0
+        self.closed = 0  # files finished by this writer
         self.writer = None
 
     def write(self, ids):
@@ -57,11 +67,30 @@ class SplitWriter:
             if self.writer.count >= self.shard_tokens:
                 self.writer.close()
                 self.writer = None
+                self.closed += 1
 
     def close(self) -> dict:
         if self.writer is not None:
             self.writer.close()
         return {"files": self.files, "tokens": self.tokens, "documents": self.docs}
+
+    def state(self) -> dict:
+        """Where this split stands, its open file synced to disk first."""
+        if self.writer is not None:
+            self.writer.sync()
+        return {"files": self.files, "tokens": self.tokens, "documents": self.docs,
+                "open": None if self.writer is None else self.writer.count}
+
+    @classmethod
+    def resume(cls, out_dir: Path, split: str, vocab_size: int, shard_tokens: int, state: dict):
+        w = cls(out_dir, split, vocab_size, shard_tokens)
+        w.files, w.tokens, w.docs = list(state["files"]), state["tokens"], state["documents"]
+        done = w.files[:-1] if state["open"] is not None else w.files
+        for name in done:
+            read_tokens(out_dir / name)  # present, and as long as its header says
+        if state["open"] is not None:
+            w.writer = TokenWriter(out_dir / w.files[-1], vocab_size, resume_count=state["open"])
+        return w
 
 
 def write_meta(out_dir: Path, tokenizer, splits: dict, source: str, **extra):
@@ -87,52 +116,161 @@ def is_val(key: str, val_percent: int = 5) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100 < val_percent
 
 
-def write_dataset(out_dir: str | Path, tokenizer, docs, source: str, workers: int | None = None,
+def staging_dir(out_dir: str | Path) -> Path:
+    """Beside out_dir (the same filesystem, so moving the files in is a rename)."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.with_name(f".{out_dir.name}.partial")
+
+
+def write_dataset(out_dir: str | Path, tokenizer, docs: Documents, workers: int | None = None,
                   batch_chars: int = 1 << 20, eot: bool = True, shard_tokens: int = SHARD_TOKENS,
-                  total_docs: int | None = None, **extra) -> dict:
-    """Tokenize (split, text) pairs into token files under out_dir; returns meta.json's content.
+                  restart: bool = False, **extra) -> dict:
+    """Tokenize docs into token files under out_dir; returns meta.json's content.
 
     Documents go to the encoder in batches of about batch_chars characters; up to two batches
     per worker are in flight while the oldest finished one is written, in input order. Memory
-    holds those batches, never the corpus. The files go to a staging folder beside out_dir (the
-    same filesystem, so moving them is a rename) and replace out_dir's only when complete.
+    holds those batches, never the corpus. The files go to the staging folder and replace
+    out_dir's only when complete; an interrupted run left progress there to continue from.
     """
     out_dir = Path(out_dir)
-    staging = out_dir.resolve().with_name(f".{out_dir.resolve().name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
-    staging.mkdir(parents=True)
-    writers = {}
-    bar = progress(total_docs, f"tokenizing {out_dir.name}")
-
-    def write(splits, job):
-        for split, ids in zip(splits, job.get()):
-            if split not in writers:
-                writers[split] = SplitWriter(staging, split, tokenizer.vocab_size, shard_tokens)
-            writers[split].write(ids)
-        bar.update(len(splits))
-        bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
-
+    staging = staging_dir(out_dir)
+    identity = json.loads(json.dumps({"input": docs.fingerprint, "tokenizer": tokenizer.name,
+                                      "vocab_size": tokenizer.vocab_size, "eot": eot,
+                                      "shard_tokens": shard_tokens, **extra}))
+    start, writers = begin(staging, identity, tokenizer.vocab_size, shard_tokens, restart)
+    if start:
+        print(f"continuing the interrupted preparation in {staging}: {start:,} documents done, "
+              f"{sum(len(w.files) for w in writers.values())} shard files kept")
     try:
+        check_space(staging, docs, tokenizer, eot)
+        done = start
+        bar = progress(docs.total, f"tokenizing {out_dir.name}", initial=start)
+
+        def write(splits, job):
+            nonlocal done
+            for split, ids in zip(splits, job.get()):
+                if done + 1 == docs.total and "val" not in writers:
+                    split = "val"  # a corpus too small for its val fraction still validates on its last document
+                if split not in writers:
+                    writers[split] = SplitWriter(staging, split, tokenizer.vocab_size, shard_tokens)
+                closed = writers[split].closed
+                writers[split].write(ids)
+                done += 1
+                if writers[split].closed != closed:  # a shard finished: record where we are
+                    save_progress(staging, identity, done, writers)
+            bar.update(len(splits))
+            bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
+
         in_flight = collections.deque()
         with Encoder(tokenizer, workers or os.cpu_count() or 1, eot) as encoder:
-            for batch in batches(docs, batch_chars):
+            for batch in batches(docs.read(start), batch_chars):
                 in_flight.append(([split for split, _ in batch], encoder.submit([text for _, text in batch])))
                 if len(in_flight) > encoder.depth:
                     write(*in_flight.popleft())
             while in_flight:
                 write(*in_flight.popleft())
         bar.close()
-        splits = {s: w.close() for s, w in writers.items()}
+        splits = {s: w.close() for s, w in sorted(writers.items())}
         for needed in ("train", "val"):
             s = splits.get(needed, {"tokens": 0, "documents": 0})
             if s["tokens"] <= (s["documents"] if eot and tokenizer.eot is not None else 0):  # end-of-text only
                 raise ValueError(f"no text for the {needed} split: is the input empty?")
-        meta = write_meta(staging, tokenizer, splits, source, **extra)
-    except BaseException:  # an error or Ctrl-C: out_dir was never touched
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / PROGRESS).unlink(missing_ok=True)
+        meta = write_meta(staging, tokenizer, splits, docs.source, **extra)
+    except BaseException:  # out_dir was never touched; the shards done stay for the next run
+        if not (staging / PROGRESS).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     publish(staging, out_dir)
+    check_complete(out_dir, meta, docs.complete)
     return meta
+
+
+def begin(staging: Path, identity: dict, vocab_size: int, shard_tokens: int, restart: bool):
+    """(documents already written, their split writers): from the staging folder's progress when
+    the same preparation was interrupted there, else from nothing in an empty staging folder."""
+    progress_file = staging / PROGRESS
+    if progress_file.is_file() and not restart:
+        try:
+            saved = json.loads(progress_file.read_text())
+        except ValueError:
+            saved = {"identity": None}
+        if saved["identity"] != identity:
+            raise ValueError(f"{staging} holds an interrupted preparation of another input or with other "
+                             f"settings: run that command again to finish it, or add --restart to discard it")
+        keep = {PROGRESS}  # files begun after the record are written again
+        for st in saved["splits"].values():
+            keep.update(st["files"] + [name + ".tmp" for name in st["files"][-1:]])
+        for f in staging.iterdir():
+            if f.name not in keep:
+                f.unlink()
+        try:
+            writers = {s: SplitWriter.resume(staging, s, vocab_size, shard_tokens, st)
+                       for s, st in saved["splits"].items()}
+        except DataError as e:
+            raise ValueError(f"cannot continue the interrupted preparation in {staging} ({e}); "
+                             f"add --restart to start over") from None
+        return saved["docs"], writers
+    shutil.rmtree(staging, ignore_errors=True)  # killed before its first shard, or --restart
+    staging.mkdir(parents=True)
+    return 0, {}
+
+
+def save_progress(staging: Path, identity: dict, docs: int, writers: dict):
+    """Atomically, after the files it names are on disk."""
+    state = {"identity": identity, "docs": docs, "splits": {s: w.state() for s, w in writers.items()}}
+    tmp = staging / (PROGRESS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(staging / PROGRESS)
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_space(staging: Path, docs: Documents, tokenizer, eot: bool):
+    """Refuse, before the first token, a preparation whose files will not fit: the token files
+    (a complete copy's known count, else about 4 bytes of text per GPT-2 token, 1 per byte or
+    character token) and, when not streaming, what reading adds to Hugging Face's caches."""
+    if docs.complete:
+        tokens = docs.complete["tokens"]
+    else:
+        tokens = docs.text_bytes // (4 if tokenizer.name == "gpt2" else 1) + (docs.total or 0) * eot
+    have = sum(f.stat().st_size for f in staging.iterdir())
+    needs = [(staging, max(0, tokens * token_dtype(tokenizer.vocab_size).itemsize - have), "the token files")]
+    for folder, n in (docs.cache or {}).items():
+        needs.append((Path(folder), n, f"the Hugging Face cache in {folder}"))
+    disks = {}
+    for folder, n, what in needs:
+        while not folder.exists():
+            folder = folder.parent
+        disk = disks.setdefault(os.stat(folder).st_dev, [folder, 0, []])
+        disk[1] += n
+        disk[2].append(f"{what} ~{gb(n)}")
+    for folder, n, whats in disks.values():
+        free = shutil.disk_usage(folder).free
+        if n > free:
+            hint = "; --streaming needs only the token files" if docs.cache else ""
+            raise OSError(f"not enough disk space: {' and '.join(whats)} need ~{gb(n)} on the disk of "
+                          f"{folder}, which has {gb(free)} free{hint}")
+
+
+def check_complete(out_dir: Path, meta: dict, complete: dict | None):
+    """A warning naming the shortfall when a hub dataset came out smaller than a complete copy."""
+    if not complete:
+        return
+    docs = sum(s["documents"] for s in meta["splits"].values())
+    tokens = sum(s["tokens"] for s in meta["splits"].values())
+    short = []
+    if docs < complete.get("documents", 0):
+        short.append(f"{complete['documents'] - docs:,} documents fewer than the {complete['documents']:,} of a complete copy")
+    if tokens < 0.95 * complete["tokens"]:
+        short.append(f"{tokens:,} tokens, {1 - tokens / complete['tokens']:.1%} short of about {complete['tokens']:,}")
+    if short:
+        print(f"warning: {out_dir} is incomplete: {'; '.join(short)} (source: {meta['source']})", file=sys.stderr)
 
 
 def publish(staging: Path, out_dir: Path):
@@ -216,6 +354,7 @@ _worker = None
 
 def _start_worker(eot: bool):
     global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to report
     _worker = (GPT2Tokenizer(), eot)
 
 
@@ -223,9 +362,9 @@ def _encode_batch(texts: list[str]):
     return [encode_for_file(_worker[0], t, _worker[1]) for t in texts]
 
 
-def progress(total, desc):
+def progress(total, desc, initial=0):
     from tqdm.auto import tqdm  # installed with `datasets`
-    return tqdm(total=total, desc=desc, unit="doc", disable=None, mininterval=1)
+    return tqdm(total=total, initial=initial, desc=desc, unit="doc", disable=None, mininterval=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,74 +378,6 @@ def read_text(path: str | Path) -> str:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-# Connection failures as datasets, huggingface_hub and urllib raise them (tiktoken's: tokenizer.py).
-NETWORK_ERRORS = (ConnectionError, TimeoutError, urllib.error.URLError)
-
-
-def no_network(what: str, e: Exception) -> ConnectionError:
-    return ConnectionError(f"no network: cannot download {what} ({e}); prepare from a local file with --input PATH")
-
-
-def load_documents(path: str | Path, text_field: str = "text"):
-    """A `datasets.Dataset` (or DatasetDict) from a local .txt (one document per file), .jsonl /
-    .json, .parquet, or a folder written by `Dataset.save_to_disk`."""
-    import datasets
-    p = Path(path)
-    if p.is_file() and p.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file")  # datasets would fail on it with a bare StopIteration
-    try:
-        if p.is_dir():
-            ds = datasets.load_from_disk(str(p))
-        elif not p.is_file():
-            raise FileNotFoundError(f"input not found: {path}")
-        elif p.suffix == ".txt":
-            ds = datasets.load_dataset("text", data_files=str(p), sample_by="document", split="train")
-        elif p.suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(p), split="train")
-        elif p.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-        else:
-            raise ValueError(f"{path}: unsupported input (.txt, .jsonl, .json, .parquet or a datasets folder)")
-    except datasets.exceptions.DatasetsError as e:  # a malformed row, not UTF-8: the cause says which
-        raise ValueError(f"{path}: cannot read it ({e.__cause__ or e})") from None
-    except ValueError as e:  # pyarrow's errors for a file that is not what its suffix says
-        raise ValueError(e if str(path) in str(e) else f"{path}: cannot read it ({e})") from None
-    names = ds.column_names if isinstance(ds, datasets.Dataset) else next(iter(ds.values())).column_names
-    if text_field not in names:
-        raise ValueError(f"{path}: no '{text_field}' column (columns: {', '.join(names)})")
-    return ds
-
-
-def split_documents(ds, val_fraction: float, seed: int = 2357, text_field: str = "text"):
-    """(split, text) pairs: a DatasetDict's own val/validation/test split if it has one, otherwise
-    a seeded random val_fraction of the documents (nanoGPT's recipe for OpenWebText)."""
-    import datasets
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ValueError(f"the datasets folder has no 'train' split (splits: {', '.join(ds)})")
-        val_name = next((n for n in ("val", "validation", "test") if n in ds), None)
-        if val_name is not None:
-            parts = {"train": ds["train"], "val": ds[val_name]}
-        else:
-            ds = ds["train"]
-    if isinstance(ds, datasets.Dataset):
-        n_val = max(1, round(len(ds) * val_fraction)) if len(ds) > 1 else 0
-        if n_val == 0:
-            raise ValueError("need at least 2 documents to make a train and a val split")
-        cut = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-        parts = {"train": cut["train"], "val": cut["test"]}
-    total = sum(len(d) for d in parts.values())
-
-    def gen():
-        for split, d in parts.items():
-            for rows in d.iter(batch_size=1024):
-                for text in rows[text_field]:
-                    if not isinstance(text, str):  # null or a number: a broken row, not a document
-                        raise ValueError(f"a '{text_field}' value in the {split} split is {text!r}, not text")
-                    yield split, text
-    return gen(), total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,59 +410,77 @@ def first_90_percent(text: str):
 
 def prepare_shakespeare(a) -> dict:
     text = shakespeare_text(a)
-    return write_dataset(a.out, GPT2Tokenizer(), first_90_percent(text), source="tiny shakespeare",
-                         workers=a.workers, eot=False, shard_tokens=a.shard_tokens)
+    return write_dataset(a.out, GPT2Tokenizer(), listed(first_90_percent(text), "tiny shakespeare"),
+                         workers=a.workers, eot=False, shard_tokens=a.shard_tokens, restart=a.restart)
 
 
 def prepare_shakespeare_char(a) -> dict:
     text = shakespeare_text(a)
     tok = CharTokenizer("".join(sorted(set(text))))
-    return write_dataset(a.out, tok, first_90_percent(text), source="tiny shakespeare",
-                         workers=a.workers, eot=False, shard_tokens=a.shard_tokens, chars=tok.chars)
+    return write_dataset(a.out, tok, listed(first_90_percent(text), "tiny shakespeare"), workers=a.workers,
+                         eot=False, shard_tokens=a.shard_tokens, restart=a.restart, chars=tok.chars)
 
 
-def hub_or_local(a, hub_name: str, **hub_kwargs):
+# Where the hub keeps a whole parquet copy, first choice first: (revision, folder). OpenWebText's
+# main revision holds its loading script (and the raw tar files); the hub's parquet conversion of
+# it is the copy datasets 4+ can read. Counts of a complete copy: OpenWebText's published 8,013,769
+# documents and nanoGPT's 9,035,582,198 + 4,434,897 tokens; FineWeb-Edu sample-10BT's ~10B GPT-2
+# tokens (its name).
+HUB = {
+    "openwebtext": dict(repo="Skylion007/openwebtext", val_fraction=0.0005,
+                        choices=[("main", ""), ("refs/convert/parquet", "plain_text")],
+                        complete={"documents": 8_013_769, "tokens": 9_040_017_095},
+                        otherwise="python -m venv owt-env && owt-env/bin/pip install 'datasets<4' && owt-env/bin/python "
+                                  "-c \"import datasets; datasets.load_dataset('Skylion007/openwebtext', split='train', "
+                                  "trust_remote_code=True).to_parquet('owt.parquet')\" && python data/openwebtext/"
+                                  "prepare.py --input owt.parquet"),
+    "fineweb_edu": dict(repo="HuggingFaceFW/fineweb-edu", val_fraction=0.001,
+                        choices=[("main", "sample/10BT")], complete={"tokens": 10_000_000_000},
+                        otherwise="huggingface-cli download HuggingFaceFW/fineweb-edu --repo-type dataset "
+                                  "--include 'sample/10BT/*' --local-dir fw && python data/fineweb_edu/prepare.py "
+                                  "--input fw/sample/10BT"),
+}
+
+
+def hub_documents(a, name: str) -> Documents:
+    """The hub's complete parquet copy of a dataset, or the local input that replaces it."""
+    spec = HUB[name]
     if a.input:
-        return load_documents(a.input), a.input
-    import datasets
+        return local_documents(a.input, "text", spec["val_fraction"], a.streaming, a.workers)
     try:
-        ds = datasets.load_dataset(hub_name, num_proc=a.workers, **hub_kwargs)
-    except NETWORK_ERRORS as e:
-        raise no_network(hub_name, e) from None
-    return ds, f"huggingface.co/datasets/{hub_name}"
+        pf = hub_parquet(spec["repo"], spec["choices"], "text")
+    except ValueError as e:
+        raise ValueError(f"{e}. Instead: {spec['otherwise']}") from None
+    whole = spec["complete"].get("documents")
+    if whole and sum(pf.rows) < whole:  # said now, before hours of work, and again at the end
+        print(f"warning: {pf.where} holds {sum(pf.rows):,} documents, a complete copy {whole:,}", file=sys.stderr)
+    return parquet_documents(pf, "text", spec["val_fraction"], a.streaming, a.workers, repo=spec["repo"],
+                             revision=pf.where.split("@", 1)[1], complete=spec["complete"])
 
 
-def prepare_openwebtext(a) -> dict:
-    ds, source = hub_or_local(a, "Skylion007/openwebtext", split="train")
-    docs, total = split_documents(ds, val_fraction=0.0005)
-    return write_dataset(a.out, GPT2Tokenizer(), docs, source=source, workers=a.workers, total_docs=total,
-                         shard_tokens=a.shard_tokens)
-
-
-def prepare_fineweb_edu(a) -> dict:
-    ds, source = hub_or_local(a, "HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train")
-    docs, total = split_documents(ds, val_fraction=0.001)
-    return write_dataset(a.out, GPT2Tokenizer(), docs, source=source, workers=a.workers, total_docs=total,
-                         shard_tokens=a.shard_tokens)
+def prepare_hub(name: str):
+    def prepare(a) -> dict:
+        docs = hub_documents(a, name)
+        return write_dataset(a.out, GPT2Tokenizer(), docs, workers=a.workers, shard_tokens=a.shard_tokens,
+                             restart=a.restart, val_fraction=HUB[name]["val_fraction"])
+    return prepare
 
 
 def prepare_embedded(out_dir: str | Path, workers: int | None = None, shard_tokens: int = SHARD_TOKENS) -> dict:
     """Byte-level token files of the Python standard library's source (about 11 MB on 3.11)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = stdlib_files()
-    docs = (("val" if is_val(p.relative_to(root).as_posix()) else "train",
-             p.read_text(encoding="utf-8", errors="replace")) for p in files)
-    return write_dataset(out_dir, ByteTokenizer(), docs, workers=workers, total_docs=len(files),
-                         shard_tokens=shard_tokens,
-                         source=f"Python {sysconfig.get_python_version()} standard library source "
-                                f"({len(files)} files under {root})")
+    docs = [("val" if is_val(p.relative_to(root).as_posix()) else "train",
+             p.read_text(encoding="utf-8", errors="replace")) for p in files]
+    source = f"Python {sysconfig.get_python_version()} standard library source ({len(files)} files under {root})"
+    return write_dataset(out_dir, ByteTokenizer(), listed(docs, source), workers=workers, shard_tokens=shard_tokens)
 
 
 DATASETS = {
     "shakespeare": (prepare_shakespeare, "tiny Shakespeare, GPT-2 BPE (nanoGPT's shakespeare)"),
     "shakespeare_char": (prepare_shakespeare_char, "tiny Shakespeare, one token per character"),
-    "openwebtext": (prepare_openwebtext, "OpenWebText, GPT-2 BPE, 0.05% validation (nanoGPT)"),
-    "fineweb_edu": (prepare_fineweb_edu, "FineWeb-Edu sample-10BT, GPT-2 BPE, 100M-token shards"),
+    "openwebtext": (prepare_hub("openwebtext"), "OpenWebText, GPT-2 BPE, 0.05% validation (nanoGPT)"),
+    "fineweb_edu": (prepare_hub("fineweb_edu"), "FineWeb-Edu sample-10BT, GPT-2 BPE, 100M-token shards"),
     "embedded": (lambda a: prepare_embedded(a.out, a.workers, a.shard_tokens), "Python standard library source, bytes"),
 }
 
@@ -402,10 +491,14 @@ def main(name: str | None = None, argv=None):
                                  description=DATASETS[name][1] if name else "Prepare a dataset into token files.")
     if name is None:
         ap.add_argument("name", choices=list(DATASETS))
-    ap.add_argument("--input", help="local .txt / .jsonl / .parquet file or datasets folder instead of the download")
+    ap.add_argument("--input", help="instead of the download: a local .txt / .jsonl / .json / .parquet file, "
+                                    "a folder of parquet files (e.g. the hub's, downloaded) or a datasets folder")
     ap.add_argument("--out", help="output folder (default data/<name>)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer / download processes")
     ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+    ap.add_argument("--streaming", action="store_true",
+                    help="tokenize the parquet files while reading them: no copy in the Hugging Face cache")
+    ap.add_argument("--restart", action="store_true", help="discard an interrupted preparation instead of continuing it")
     ap.error = die  # one line, like every bad input, not argparse's usage block
     a = ap.parse_args(argv)
     name = name or a.name
@@ -416,10 +509,23 @@ def main(name: str | None = None, argv=None):
     if Path(a.out).exists() and not Path(a.out).is_dir():
         die(f"--out: {a.out} is a file, not a folder")
     t0 = time.perf_counter()
+    staging = staging_dir(a.out)
+
+    def kept(message: str) -> str:  # what a run that stopped half-way leaves to continue from
+        if (staging / PROGRESS).is_file() and str(staging) not in message:
+            return f"{message}; the shards done are kept in {staging}: the same command continues"
+        return message
     try:
         meta = DATASETS[name][0](a)
-    except (OSError, ValueError) as e:  # bad input, no network, disk full: the dataset in --out is kept
-        die(str(e))
+    except KeyboardInterrupt:
+        print(kept("interrupted"), file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # bad input, no network, disk full: the dataset in --out is kept
+        if is_network_error(e) and not isinstance(e, ConnectionError):  # httpx's, while reading
+            e = ConnectionError(f"lost the network while reading: {type(e).__name__}: {e}")
+        if not isinstance(e, (OSError, ValueError)):
+            raise
+        die(kept(" ".join(str(e).split())))  # one line, whatever the library put in its message
     counts = ", ".join(f"{s} {v['tokens']:,} tokens in {len(v['files'])} file(s)" for s, v in meta["splits"].items())
     print(f"{name}: {counts} -> {a.out} ({time.perf_counter() - t0:.1f}s)")
 

@@ -1,8 +1,13 @@
 """data/<name>/prepare.py, offline on local inputs: token counts, splits, shards, errors."""
 
 import json
+import os
+import random
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import datasets
 import pytest
@@ -10,6 +15,7 @@ import tiktoken
 
 from conftest import ROOT, SHAKESPEARE
 from scaling.data import TokenWindows, load_meta, read_tokens
+from scaling.sources import listed, parquet_footers, val_by_hash
 
 
 def run_script(name, *args, check=True):
@@ -63,11 +69,23 @@ def test_openwebtext_from_a_local_jsonl_holds_every_document_once_with_eot(tmp_p
     run_script("openwebtext", "--input", src, "--out", tmp_path / "out")
     meta = load_meta(tmp_path / "out")
     s = meta["splits"]
-    assert s["val"]["documents"] == 2  # nanoGPT's 0.0005 of 4000
+    val = [t for t in docs if val_by_hash(t, 0.0005) == "val"]  # 0.05% by hash of the text
+    assert s["val"]["documents"] == len(val) and 0 < len(val) < 10
     assert s["train"]["documents"] + s["val"]["documents"] == 4000
     assert s["train"]["tokens"] + s["val"]["tokens"] == expected_tokens(docs)
     ids = tokens(tmp_path / "out", "val")
-    assert ids.count(50256) == 2 and ids[-1] == 50256
+    assert ids.count(50256) == len(val) and ids[-1] == 50256
+    assert ids == [t for x in val for t in tiktoken.get_encoding("gpt2").encode_ordinary(x) + [50256]]
+
+
+def test_a_corpus_too_small_for_its_val_fraction_validates_on_its_last_document(tmp_path):
+    docs = documents(10)
+    assert all(val_by_hash(t, 0.0005) == "train" for t in docs)
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(tmp_path / "few.parquet")
+    run_script("openwebtext", "--input", tmp_path / "few.parquet", "--out", tmp_path / "out")
+    s = load_meta(tmp_path / "out")["splits"]
+    assert (s["train"]["documents"], s["val"]["documents"]) == (9, 1)
+    assert s["val"]["tokens"] == expected_tokens(docs[-1:])
 
 
 def test_files_do_not_depend_on_workers_or_batch_size(tmp_path):
@@ -76,7 +94,7 @@ def test_files_do_not_depend_on_workers_or_batch_size(tmp_path):
     from scaling.tokenizer import GPT2Tokenizer
     docs = [("val" if i % 7 == 0 else "train", t) for i, t in enumerate(documents(300))]
     for name, workers, batch_chars in (("one", 1, 1 << 20), ("many", 3, 2_000)):
-        write_dataset(tmp_path / name, GPT2Tokenizer(), docs, source="test", workers=workers,
+        write_dataset(tmp_path / name, GPT2Tokenizer(), listed(docs, "test"), workers=workers,
                       batch_chars=batch_chars, shard_tokens=5_000)
     one, many = load_meta(tmp_path / "one"), load_meta(tmp_path / "many")
     assert one["splits"] == many["splits"] and len(one["splits"]["train"]["files"]) > 2
@@ -114,15 +132,30 @@ def write(name, text):
     return lambda d: (d / name).write_text(text) and d / name
 
 
+def hub_folder(root, path, docs=None):
+    """A folder laid out as a hub dataset repository: parquet files at `path`, or other files."""
+    f = root / "repo" / path
+    f.parent.mkdir(parents=True, exist_ok=True)
+    if f.suffix == ".parquet":
+        datasets.Dataset.from_dict({"text": docs or documents(20)}).to_parquet(f)
+    else:
+        f.write_text("# a loading script\n")
+    return root / "repo"
+
+
 @pytest.mark.parametrize("make_input, message", [
     (lambda d: d / "missing.jsonl", "input not found"),
     (write("x.csv", "a,b"), "unsupported input"),
     (write("x.jsonl", '{"body": "hi"}\n{"body": "yo"}\n'), "no 'text' column"),
     (lambda d: (d / "x.jsonl").touch() or d / "x.jsonl", "x.jsonl: empty file"),
     (write("x.jsonl", '{"text": "a"}\n{bad\n'), "x.jsonl: cannot read it (JSON parse error"),
-    (write("x.jsonl", '{"text": null}\n{"text": "a"}\n{"text": "b"}\n'), "'text' value in the"),
+    (write("x.jsonl", '{"text": null}\n{"text": "a"}\n{"text": "b"}\n'), "x.jsonl: a 'text' value is None"),
+    (write("x.parquet", "not parquet"), "x.parquet: not a readable parquet file"),
+    (lambda d: hub_folder(d, "plain_text/partial-train/0000.parquet"), "a partial parquet conversion (plain_text/partial-train/)"),
+    (lambda d: hub_folder(d, "openwebtext.py"), "only a dataset script (openwebtext.py), which datasets 4 and later no longer run"),
     (write("x.jsonl", '{"text": ""}\n{"text": ""}\n'), "no text for the train split"),
-], ids=["missing", "csv", "no-text-column", "empty", "malformed", "null-text", "only-empty-texts"])
+], ids=["missing", "csv", "no-text-column", "empty", "malformed", "null-text", "not-parquet", "partial-conversion",
+        "script-only", "only-empty-texts"])
 def test_bad_input_is_a_one_line_error_and_leaves_no_dataset(make_input, message, tmp_path):
     p = run_script("openwebtext", "--input", make_input(tmp_path), "--out", tmp_path / "out", check=False)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
@@ -153,7 +186,7 @@ def test_the_new_dataset_is_written_beside_out_and_moved_in_only_when_complete(t
     from scaling.prepare import write_dataset
     from scaling.tokenizer import ByteTokenizer
     out = tmp_path / "out"
-    write_dataset(out, ByteTokenizer(), [("train", "old train"), ("val", "old val")], source="old")
+    write_dataset(out, ByteTokenizer(), listed([("train", "old train"), ("val", "old val")], "old"))
     before = snapshot(out)
     seen = {}
 
@@ -163,18 +196,19 @@ def test_the_new_dataset_is_written_beside_out_and_moved_in_only_when_complete(t
         seen["out"], seen["staging"] = snapshot(out), snapshot(tmp_path / ".out.partial")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        write_dataset(out, ByteTokenizer(), docs(), source="new", batch_chars=1000, shard_tokens=20_000)
+        write_dataset(out, ByteTokenizer(), listed(docs(), "new"), batch_chars=1000, shard_tokens=20_000)
     assert seen["out"] == before and len(seen["staging"]) >= 3  # new shards were being written beside
-    assert snapshot(out) == before and not (tmp_path / ".out.partial").exists()
+    assert snapshot(out) == before  # the shards done stay beside, for the same command to continue
+    assert json.loads((tmp_path / ".out.partial" / "progress.json").read_text())["docs"] > 0
 
 
 def test_a_new_dataset_replaces_the_old_files_and_keeps_the_others(tmp_path):
     from scaling.prepare import write_dataset
     from scaling.tokenizer import ByteTokenizer
     out = tmp_path / "out"
-    write_dataset(out, ByteTokenizer(), [("train", "x" * 50_000), ("val", "y")], source="old", shard_tokens=10_000)
+    write_dataset(out, ByteTokenizer(), listed([("train", "x" * 50_000), ("val", "y")], "old"), shard_tokens=10_000)
     (out / "prepare.py").write_text("# the script lives in data/<name>/ too\n")
-    write_dataset(out, ByteTokenizer(), [("train", "z" * 15_000), ("val", "w")], source="new", shard_tokens=10_000)
+    write_dataset(out, ByteTokenizer(), listed([("train", "z" * 15_000), ("val", "w")], "new"), shard_tokens=10_000)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "prepare.py", "train_000000.bin",
                                                      "train_000001.bin", "val_000000.bin"]
     assert load_meta(out)["source"] == "new" and tokens(out, "train")[:1] == [ord("z")]
@@ -212,3 +246,224 @@ def test_gpt2_bpe_files_unreachable_is_a_connection_error_saying_how_to_work_off
 def test_shard_tokens_applies_to_every_dataset(tmp_path):
     run_script("shakespeare_char", "--input", SHAKESPEARE, "--out", tmp_path, "--shard-tokens", 400_000)
     assert load_meta(tmp_path)["splits"]["train"]["files"] == [f"train_{i:06d}.bin" for i in range(3)]
+
+
+# The hub's parquet copy, as a local folder: cached and streamed reading, resuming, disk space.
+
+def hub_documents():
+    lines = documents(6000)
+    return [" ".join(lines[(i * 7 + j) % len(lines)] for j in range(5)) for i in range(6000)]
+
+@pytest.fixture(scope="module")
+def owt_hub(tmp_path_factory):
+    """A folder laid out as the hub's parquet conversion of OpenWebText: three files, 6000
+    documents, ~1.4M tokens (a few seconds to prepare on one process: time to interrupt it)."""
+    root = tmp_path_factory.mktemp("hub")
+    docs = hub_documents()
+    for k in range(3):
+        hub_folder(root, f"plain_text/train/{k:04d}.parquet", docs[k * 2000:(k + 1) * 2000])
+    return root / "repo"
+
+
+@pytest.fixture(scope="module")
+def owt_whole(owt_hub, tmp_path_factory):
+    """owt_hub prepared in one go (cached), in 10,000-token shards."""
+    out = tmp_path_factory.mktemp("whole") / "owt"
+    run_script("openwebtext", "--input", owt_hub, "--out", out, "--shard-tokens", 10_000)
+    return {f: b for f, (b, _) in snapshot(out).items()}
+
+
+def test_a_hub_layout_folder_prepares_identically_cached_and_streamed(owt_hub, owt_whole, tmp_path):
+    run_script("openwebtext", "--input", owt_hub, "--out", tmp_path / "streamed", "--shard-tokens", 10_000, "--streaming")
+    assert len(owt_whole) > 100 and {f: b for f, (b, _) in snapshot(tmp_path / "streamed").items()} == owt_whole
+    meta = load_meta(tmp_path / "streamed")
+    assert meta["source"].endswith("3 parquet files, 6,000 documents") and meta["val_fraction"] == 0.0005
+    assert sum(s["tokens"] for s in meta["splits"].values()) == expected_tokens(hub_documents())
+
+
+def start_and_interrupt(args, staging, sig, delay, env=None):
+    """Start a preparation and send it `sig` `delay` seconds after it finished its first shard."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "data" / "openwebtext" / "prepare.py"), *map(str, args)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (staging / "progress.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("mode, sig", [
+    pytest.param("cached", signal.SIGKILL, id="cached-killed"),
+    pytest.param("streaming", signal.SIGKILL, id="streaming-killed", marks=pytest.mark.slow),  # and from the hub below
+    pytest.param("cached", signal.SIGINT, id="cached-ctrl-c", marks=pytest.mark.slow),
+])
+def test_an_interrupted_preparation_continues_to_byte_identical_shards(owt_hub, owt_whole, tmp_path, mode, sig):
+    args = ["--input", owt_hub, "--shard-tokens", 10_000, "--workers", 1] + (["--streaming"] if mode == "streaming" else [])
+    rc, err = start_and_interrupt(args + ["--out", tmp_path / "cut"], tmp_path / ".cut.partial", sig,
+                                  random.uniform(0, 0.2))
+    if sig == signal.SIGINT:  # Ctrl-C: one line saying where the work is kept
+        assert rc == 130 and err.splitlines()[-1] == (f"interrupted; the shards done are kept in {tmp_path / '.cut.partial'}: "
+                                                      "the same command continues"), err
+    else:
+        assert rc == -signal.SIGKILL
+    assert not (tmp_path / "cut").exists()
+    p = run_script("openwebtext", *args, "--out", tmp_path / "cut")
+    assert "continuing the interrupted preparation" in p.stdout
+    assert {f: b for f, (b, _) in snapshot(tmp_path / "cut").items()} == owt_whole
+    assert not (tmp_path / ".cut.partial").exists()
+
+
+def test_an_interrupted_preparation_is_continued_only_by_the_same_command(owt_hub, tmp_path):
+    args = ["--input", owt_hub, "--workers", 1, "--out", tmp_path / "out"]
+    start_and_interrupt(args + ["--shard-tokens", 10_000], tmp_path / ".out.partial", signal.SIGKILL, 0)
+    kept = snapshot(tmp_path / ".out.partial")
+    p = run_script("openwebtext", *args, "--shard-tokens", 20_000, check=False)
+    assert p.returncode == 2 and p.stderr == (f"error: {tmp_path / '.out.partial'} holds an interrupted preparation of "
+                                              "another input or with other settings: run that command again to finish "
+                                              "it, or add --restart to discard it\n"), p.stderr
+    assert snapshot(tmp_path / ".out.partial") == kept
+    p = run_script("openwebtext", *args, "--shard-tokens", 20_000, "--restart")
+    assert "continuing" not in p.stdout and load_meta(tmp_path / "out")["splits"]["train"]["files"][1] == "train_000001.bin"
+    assert len(read_tokens(tmp_path / "out" / "train_000000.bin")) == 20_000
+
+
+def can_mount_tmpfs():
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not can_mount_tmpfs(), reason="needs unshare and tmpfs mounts")
+def test_a_preparation_that_will_not_fit_is_refused_before_the_first_token(owt_hub, tmp_path):
+    # --out on a 256 KB tmpfs, in a mount namespace of its own: ~1.4M tokens need ~2.8 MB.
+    (tmp_path / "small").mkdir()
+    script = (f"mount -t tmpfs -o size=256k tmpfs {tmp_path / 'small'} && exec {sys.executable} "
+              f"{ROOT / 'data/openwebtext/prepare.py'} --input {owt_hub} --out {tmp_path / 'small/out'} --streaming; ")
+    p = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("error: not enough disk space: the token files ~") and "which has 0.3 MB free" in p.stderr
+
+
+def test_the_hub_layout_rules_find_a_whole_copy_or_say_why_not():
+    from scaling.sources import parquet_layout
+    assert parquet_layout(["README.md", "plain_text/train/0001.parquet", "plain_text/train/0000.parquet"], "r") == [
+        "plain_text/train/0000.parquet", "plain_text/train/0001.parquet"]
+    with pytest.raises(ValueError, match=r"^r@main: only a dataset script \(openwebtext.py\)"):
+        parquet_layout(["README.md", "openwebtext.py", "subsets/urlsf_subset00.tar"], "r@main")
+    with pytest.raises(ValueError, match=r"^r: a partial parquet conversion \(plain_text/partial-train/\)"):
+        parquet_layout(["plain_text/partial-train/0000.parquet"], "r")
+
+
+def test_a_hub_dataset_smaller_than_a_complete_copy_ends_with_a_warning_naming_the_shortfall(tmp_path, capsys):
+    from scaling.prepare import check_complete
+    meta = {"source": "hub", "splits": {"train": {"documents": 7_000_000, "tokens": 8_000_000_000},
+                                        "val": {"documents": 13_769, "tokens": 4_000_000}}}
+    check_complete(tmp_path, meta, {"documents": 8_013_769, "tokens": 9_040_017_095})
+    err = capsys.readouterr().err
+    assert err == (f"warning: {tmp_path} is incomplete: 1,000,000 documents fewer than the 8,013,769 of a complete copy; "
+                   "8,004,000,000 tokens, 11.5% short of about 9,040,017,095 (source: hub)\n")
+    check_complete(tmp_path, {**meta, "splits": {"train": {"documents": 8_013_769, "tokens": 9_040_017_095}}},
+                   {"documents": 8_013_769, "tokens": 9_040_017_095})
+    assert capsys.readouterr().err == ""
+
+
+# The hub itself, on loopback (tests/loopback_hub.py): what huggingface_hub and datasets do there.
+
+def hub_env(hub, tmp_path):
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+            "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
+
+
+def owt_repo(root, convert_folder):
+    """Skylion007/openwebtext as the hub holds it today: the loading script on main, the parquet
+    conversion (hub_documents in three files) on refs/convert/parquet."""
+    repo = root / "Skylion007" / "openwebtext"
+    (repo / "main").mkdir(parents=True)
+    (repo / "main" / "openwebtext.py").write_text("# the loading script datasets 4+ refuses\n")
+    docs = hub_documents()
+    for k in range(3):
+        f = repo / "refs%2Fconvert%2Fparquet" / "plain_text" / convert_folder / f"{k:04d}.parquet"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict({"text": docs[k * 2000:(k + 1) * 2000]}).to_parquet(f)
+
+
+def cache_needs(env):
+    """What reading the hub's OpenWebText (cached) would add to the Hugging Face caches of env."""
+    code = ("import json; from scaling.sources import hub_parquet, hf_cache_needs; r = 'Skylion007/openwebtext'; "
+            "pf = hub_parquet(r, [('refs/convert/parquet', 'plain_text')], 'text'); "
+            "print(json.dumps(hf_cache_needs(pf, 'text', r, 'refs/convert/parquet')))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_openwebtext_comes_from_the_hubs_parquet_conversion_cached_or_streamed_and_resumed(owt_whole, tmp_path):
+    from loopback_hub import LoopbackHub
+    owt_repo(tmp_path / "hub", "train")
+    args = ["--shard-tokens", 10_000, "--workers", 1]
+    with LoopbackHub(tmp_path / "hub") as hub:
+        env = hub_env(hub, tmp_path / "a")
+        p = subprocess.run([sys.executable, "data/openwebtext/prepare.py", "--out", tmp_path / "cached", *map(str, args)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert {f: b for f, (b, _) in snapshot(tmp_path / "cached").items() if f.name != "meta.json"} == {
+            f: b for f, b in owt_whole.items() if f.name != "meta.json"}
+        assert load_meta(tmp_path / "cached")["source"] == ("Skylion007/openwebtext@refs/convert/parquet: "
+                                                            "3 parquet files, 6,000 documents")
+        assert "holds 6,000 documents, a complete copy 8,013,769" in p.stderr  # before the work
+        assert "is incomplete: 8,007,769 documents fewer than the 8,013,769 of a complete copy" in p.stderr  # after
+        assert len(list((tmp_path / "a" / "hf" / "hub").rglob("*.parquet"))) == 3  # cached: downloaded first
+        needs = cache_needs(env), cache_needs(hub_env(hub, tmp_path / "empty"))  # what the space check counts
+        files = sorted((tmp_path / "hub").rglob("*.parquet"))
+        assert needs[0] == {env["HF_HUB_CACHE"]: 0}  # all downloaded, and the Arrow copy made
+        assert needs[1] == {str(tmp_path / "empty" / "hf" / "hub"): sum(f.stat().st_size for f in files),
+                            str(tmp_path / "empty" / "hf" / "datasets"): parquet_footers(list(map(str, files)), "text")[1]}
+
+        env = hub_env(hub, tmp_path / "b")
+        cmd = [*args, "--streaming", "--out", tmp_path / "streamed"]
+        rc, err = start_and_interrupt(cmd, tmp_path / ".streamed.partial", signal.SIGKILL, 0.1, env=env)
+        assert rc == -signal.SIGKILL, err
+        p = subprocess.run([sys.executable, "data/openwebtext/prepare.py", *map(str, cmd)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "continuing the interrupted preparation" in p.stdout, p.stderr
+    assert snapshot(tmp_path / "streamed").keys() == snapshot(tmp_path / "cached").keys()
+    assert {f: b for f, (b, _) in snapshot(tmp_path / "streamed").items()} == {
+        f: b for f, (b, _) in snapshot(tmp_path / "cached").items()}
+    assert not (tmp_path / "b" / "hf" / "hub").exists()  # streamed: nothing in the hub cache
+
+
+def test_openwebtext_with_only_a_script_and_a_partial_conversion_on_the_hub_is_one_line_with_the_alternative(tmp_path):
+    from loopback_hub import LoopbackHub
+    owt_repo(tmp_path / "hub", "partial-train")
+    with LoopbackHub(tmp_path / "hub") as hub:
+        p = subprocess.run([sys.executable, "data/openwebtext/prepare.py", "--out", str(tmp_path / "out")],
+                           cwd=ROOT, env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(
+        "error: no complete parquet copy of Skylion007/openwebtext on the hub: Skylion007/openwebtext@main: only a "
+        "dataset script (openwebtext.py), which datasets 4 and later no longer run (\"Dataset scripts are no longer "
+        "supported\"); Skylion007/openwebtext@refs/convert/parquet: a partial parquet conversion "
+        "(plain_text/partial-train/), not the whole dataset. Instead: python -m venv owt-env && ")
+    assert p.stderr.endswith("&& python data/openwebtext/prepare.py --input owt.parquet\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fineweb_edu_reads_the_text_column_of_sample_10bt_on_the_hub(tmp_path):
+    from loopback_hub import LoopbackHub
+    folder = tmp_path / "hub" / "HuggingFaceFW" / "fineweb-edu" / "main" / "sample" / "10BT"
+    folder.mkdir(parents=True)
+    docs = documents(400)
+    for k in range(2):  # FineWeb-Edu's columns, text among them
+        part = docs[k * 200:(k + 1) * 200]
+        datasets.Dataset.from_dict({"text": part, "id": [f"<urn:{i}>" for i in range(200)], "score": [3.1] * 200,
+                                    "url": ["https://example.com"] * 200}).to_parquet(folder / f"00{k}_00000.parquet")
+    with LoopbackHub(tmp_path / "hub") as hub:
+        p = subprocess.run([sys.executable, "data/fineweb_edu/prepare.py", "--out", str(tmp_path / "out"), "--streaming"],
+                           cwd=ROOT, env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    meta = load_meta(tmp_path / "out")
+    assert meta["source"] == "HuggingFaceFW/fineweb-edu@main: 2 parquet files, 400 documents"
+    assert sum(s["tokens"] for s in meta["splits"].values()) == expected_tokens(docs)
+    assert "warning: " in p.stderr and "short of about 10,000,000,000" in p.stderr
