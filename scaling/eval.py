@@ -9,11 +9,13 @@ loss: mean next-token loss over the first --sequences windows of --seq-len token
 hellaswag: the multiple-choice benchmark llm.c and modded-nanogpt report. Each example's four
   endings are scored by the model's loss on the ending's tokens after the context; acc takes the
   ending with the lowest total loss, acc_norm the lowest mean loss per token (what llm.c
-  reports; GPT-2 124M scores about 0.29). The validation file is downloaded on first use.
+  reports; GPT-2 124M scores about 0.29). The validation file is downloaded on first use into
+  ~/.cache/scaling (or $XDG_CACHE_HOME/scaling); offline, pass a copy with --file.
 """
 
 import argparse
 import json
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -21,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from scaling.sources import NETWORK_ERRORS
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -58,15 +62,33 @@ def split_loss(model, data_dir: str, split: str, seq_len: int, sequences: int, b
 
 
 def hellaswag_examples(path: str | None) -> list[dict]:
+    """The validation examples: from --file, else downloaded once into ~/.cache/scaling."""
     if path is None:
-        cache = Path.home() / ".cache" / "scaling" / "hellaswag_val.jsonl"
-        if not cache.is_file():
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            urllib.request.urlretrieve(HELLASWAG_URL, tmp)
-            tmp.replace(cache)
-        path = cache
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scaling" / "hellaswag_val.jsonl"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")  # a broken download never looks complete
+            try:
+                urllib.request.urlretrieve(HELLASWAG_URL, tmp)
+            except NETWORK_ERRORS as e:
+                tmp.unlink(missing_ok=True)
+                raise ConnectionError(f"no network: cannot download HellaSwag's validation set from {HELLASWAG_URL} "
+                                      f"({e}); fetch that file elsewhere and pass --file PATH") from None
+            tmp.replace(path)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--file: {path} not found")
+    examples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            ex = json.loads(line) if line.strip() else None
+        except ValueError:
+            raise ValueError(f"{path}: line {n} is not JSON; expected HellaSwag's hellaswag_val.jsonl") from None
+        if ex is not None:
+            if not isinstance(ex, dict) or not {"ctx", "endings", "label"} <= ex.keys():
+                raise ValueError(f"{path}: line {n} lacks ctx, endings and label; expected HellaSwag's hellaswag_val.jsonl")
+            examples.append(ex)
+    return examples
 
 
 @torch.no_grad()
@@ -120,15 +142,16 @@ def main(argv=None):
     from scaling.distributed import pick_device
     device = pick_device(a.device)
     try:
+        if a.task == "loss" and not a.data:
+            raise ValueError("loss needs --data DIR (a prepared dataset)")
+        examples = hellaswag_examples(a.file) if a.task == "hellaswag" else None  # before a long model load
         model, tok = load_any(a.model, device)
         if a.task == "loss":
-            if not a.data:
-                raise ValueError("loss needs --data DIR (a prepared dataset)")
             seq_len = min(a.seq_len, model.cfg.block_size)
             r = split_loss(model, a.data, a.split, seq_len, a.sequences, a.batch, device)
         else:
-            r = hellaswag(model, tok, hellaswag_examples(a.file), device, a.limit)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+            r = hellaswag(model, tok, examples, device, a.limit)
+    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({"model": a.model, "task": a.task, **r}))

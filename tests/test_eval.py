@@ -54,6 +54,32 @@ def test_hellaswag_scores_by_completion_loss(shakespeare_model, tmp_path):
     assert r["examples"] == 4 and r["acc"] == 0.75 and r["acc_norm"] == 0.75
 
 
+def test_hellaswag_offline_is_one_line_pointing_at_a_local_file(tmp_path, monkeypatch, capsys):
+    import scaling.eval
+    monkeypatch.setattr(scaling.eval, "HELLASWAG_URL", "http://127.0.0.1:9/hellaswag_val.jsonl")  # refused
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        scaling.eval.main([str(tmp_path / "model"), "hellaswag"])  # the examples are read before the model
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: no network: cannot download HellaSwag's validation set from http://127.0.0.1:9/")
+    assert err.endswith("fetch that file elsewhere and pass --file PATH\n")
+    assert list((tmp_path / "cache" / "scaling").iterdir()) == []  # no partial download left to look complete
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--file: {f} not found"),
+    ('{"ctx": "a", "endings": ["b"], "label": 0}\nnot json\n', "{f}: line 2 is not JSON"),
+    ('{"text": "a"}\n', "{f}: line 1 lacks ctx, endings and label"),
+], ids=["missing", "not-json", "not-hellaswag"])
+def test_a_bad_hellaswag_file_is_one_line_naming_it(content, message, tmp_path):
+    f = tmp_path / "hs.jsonl"
+    if content is not None:
+        f.write_text(content)
+    p = run_module("scaling.eval", tmp_path / "model", "hellaswag", "--file", f)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: " + message.format(f=f)), p.stderr
+
+
 def test_eval_of_missing_weights_is_a_one_line_error(tmp_path):
     p = run_module("scaling.eval", tmp_path / "nothing", "loss", "--data", tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
