@@ -316,6 +316,7 @@ class Checkpointer:
             self.group = dist.new_group(backend="gloo",
                                         timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
         self.committer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit") if _rank() == 0 else None
+        self.purging = None  # rank 0's deletion of old checkpoints, in the background
 
     def save(self, step: int, state: dict):
         """Write checkpoint step_<step> of state (a dict of state dicts) on every rank."""
@@ -347,6 +348,14 @@ class Checkpointer:
         """Surface the end of the save in flight if it has finished; cheap, call every step."""
         if self.pending and self.pending[0].done():
             self._finish()
+        if self.purging and self.purging.done():
+            self._purged()
+
+    def _purged(self):
+        """A deletion that failed costs disk space, not the run: said, not raised."""
+        e, self.purging = self.purging.exception(), None
+        if e is not None:
+            print(f"checkpoint: deleting old checkpoints failed: {e}", flush=True)
 
     def wait(self):
         """Block until the save in flight is written and committed. Every rank calls this at the
@@ -399,7 +408,9 @@ class Checkpointer:
         if old:
             shutil.rmtree(old)
         self.verified.add(final)  # its checksums were just taken from the files themselves
-        self._purge(final)
+        # Deleting old checkpoints (minutes for XL on a network filesystem) happens on rank 0's
+        # commit thread, never while the other ranks wait at the save's closing barrier.
+        self.purging = self.committer.submit(self._purge, final)
 
     def _purge(self, just_saved: Path):
         """Keep the newest checkpoint.keep verified checkpoints of this run, every keep_every-th
@@ -447,6 +458,8 @@ class Checkpointer:
     def close(self):
         if self.committer:
             self.committer.shutdown(wait=True)
+        if self.purging:
+            self._purged()
 
 
 def _barrier():

@@ -99,6 +99,54 @@ def test_keeps_the_last_k_and_every_mth_for_good(data_root, tmp_path):
     assert [p.name for p in checkpoints(tmp_path)] == ["step_4", "step_8", "step_10", "step_12"]
 
 
+def test_old_checkpoints_are_deleted_off_the_training_thread(data_root, tmp_path, monkeypatch):
+    # Deleting an XL checkpoint from a network filesystem takes minutes: on the training thread
+    # rank 0 would keep every other rank waiting at the save's barrier all that time.
+    import shutil
+    import threading
+    from scaling.config import load_config
+    from scaling.train import train
+    from conftest import TINY
+    deleted_by, rmtree = [], shutil.rmtree
+
+    def watched_rmtree(path, *args, **kwargs):
+        if ".deleting" in Path(path).name:
+            deleted_by.append(threading.current_thread().name)
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", watched_rmtree)
+    train(load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={tmp_path}", "--train.max_steps=8",
+                             "--checkpoint.every=2", "--checkpoint.keep=1", "--checkpoint.async_save=false"]))
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_8"]
+    assert len(deleted_by) == 3 and all(name.startswith("checkpoint-commit") for name in deleted_by), deleted_by
+
+
+# Rank 1 sees the run folder as NFS may show it to another node of a quickly requeued job: without
+# the newest checkpoint. The resume decision is rank 0's alone, so rank 1 loads the same step.
+HIDE_NEWEST_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import scaling.checkpoint as ck
+    seen, load = ck.checkpoints, ck.Checkpointer.load
+    ck.checkpoints = lambda run_dir: seen(run_dir)[:-1]
+    def recorded_load(self, path, state):
+        open(os.environ["LOADED_BY_RANK_1"], "w").write(path.name)
+        return load(self, path, state)
+    ck.Checkpointer.load = recorded_load
+"""
+
+
+def test_ranks_that_see_different_checkpoint_folders_resume_from_the_same_step(data_root, tmp_path):
+    from conftest import run_torchrun
+    args = tiny_args(data_root, tmp_path / "run", "--checkpoint.every=2", "--parallel.dp_shard=2")
+    run_torchrun(2, "scaling.train", *args, "--train.max_steps=6")
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(HIDE_NEWEST_ON_RANK_1)
+    env = {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}", "LOADED_BY_RANK_1": str(tmp_path / "loaded")}
+    p = run_torchrun(2, "scaling.train", *args, "--train.max_steps=8", env=env)
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step_6'}" in p.stdout
+    assert (tmp_path / "loaded").read_text() == "step_6"  # not step_4, the newest rank 1 can see
+
+
 def wait_for(p, ready, timeout=120):
     deadline = time.time() + timeout
     while not ready():
