@@ -53,6 +53,13 @@ HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 HEAD_ADDR=$(scontrol show node "$HEAD_NODE" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 PORT=$(( 20000 + SLURM_JOB_ID % 12000 ))
 
+# torchrun gives its workers 30 s from SIGTERM to SIGKILL; the stop-save of an XL run to a network
+# filesystem takes longer. Give them the signal's lead time (--signal=B:USR1@300 above; set
+# SCALING_SIGNAL_LEAD if you change it) less a minute for the requeue. torchrun reads this from
+# torch 2.12 on; older ones keep 30 s.
+SIGNAL_LEAD=${SCALING_SIGNAL_LEAD:-300}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$(( SIGNAL_LEAD > 90 ? SIGNAL_LEAD - 60 : 30 ))}
+
 CPUS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
 if [ "${SCALING_DEVICE:-cuda}" = cpu ]; then
   THREADS=${SCALING_THREADS:-1}

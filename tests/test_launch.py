@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,13 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def sbatch(cluster, run_dir, data_root, *overrides, time_limit="10"):
+def sbatch(cluster, run_dir, data_root, *overrides, time_limit="10", env=None):
     """`sbatch launch/slurm_gpt2.sh` with a tiny CPU recipe over both nodes; returns the job id."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0", f"--time={time_limit}",
            f"--output={run_dir}/slurm-%j.out", "launch/slurm_gpt2.sh",
            *map(str, tiny_args(data_root, run_dir, *COMMON, *overrides))]
-    p = cluster.run(cmd, cwd=ROOT, env={"SCALING_DEVICE": "cpu", "SCALING_LOG_DIR": str(run_dir / "logs")})
+    p = cluster.run(cmd, cwd=ROOT, env={"SCALING_DEVICE": "cpu", "SCALING_LOG_DIR": str(run_dir / "logs"), **(env or {})})
     return int(p.stdout.strip().split(";")[0])
 
 
@@ -81,6 +82,59 @@ def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_roo
     want = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "whole") if "loss" in r}
     around = range(first - 2, first + 4)
     assert [got[s] for s in around] == pytest.approx([want[s] for s in around], rel=1e-6)
+
+
+# Every save of the run takes SLOW_SAVE_S seconds longer on rank 0 before it commits, as writing
+# an XL checkpoint to a network filesystem would.
+SLOW_SAVES = """
+import os
+if os.environ.get("SLOW_SAVE_S"):
+    import time
+    import scaling.checkpoint as ck
+    commit = ck.Checkpointer._commit
+    def slow_commit(self, tmp, final):
+        time.sleep(float(os.environ["SLOW_SAVE_S"]))
+        return commit(self, tmp, final)
+    ck.Checkpointer._commit = slow_commit
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shutdown_timeout, commits", [(None, True), ("30", False)], ids=["launcher", "torchrun-30s"])
+def test_a_stop_save_longer_than_torchruns_30_s_still_commits_and_the_requeued_job_resumes(
+        slurm, data_root, tmp_path, shutdown_timeout, commits):
+    """The batch script is signalled (as Slurm does before the time limit) once training runs;
+    the stop-save takes 40 s. With the launcher's shutdown timeout it commits, the job requeues
+    and the next one resumes from it; with torchrun's own 30 s (the second case) the worker is
+    killed mid-save and nothing is committed: the first case's check can fail."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(SLOW_SAVES)
+    env = {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}", "SLOW_SAVE_S": "40"}
+    if shutdown_timeout:
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown_timeout
+    steps = ["--logging.every=1", "--train.eval_every=0", "--checkpoint.every=100000", "--train.max_steps=100000"]
+    job = sbatch(slurm, tmp_path, data_root, *steps, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    if commits:
+        deadline = time.time() + 300  # the save, the requeue, and the next job's resume
+        while "resumed from" not in logs_of(tmp_path) and time.time() < deadline:
+            time.sleep(1)
+        slurm.run(["scancel", str(job)], check=False)
+        logs = logs_of(tmp_path)
+        saved = [int(x.split()[0].rstrip(",")) for x in logs.split("saved step ")[1:]]
+        resumed = [int(x.split()[0]) for x in logs.split(" at step ")[1:]]
+        assert saved and resumed and resumed[0] == saved[0], logs + slurm.logs()
+    else:
+        slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PENDING", "REQUEUED"}, timeout=180)
+        slurm.run(["scancel", str(job)], check=False)
+        assert not [p for p in (tmp_path / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")]
+
+
+def logs_of(run_dir):
+    return "".join(f.read_text() for f in (Path(run_dir) / "logs").glob("*.out")) if (Path(run_dir) / "logs").is_dir() else ""
 
 
 def test_two_torchrun_nodes_on_loopback_match_one_node(data_root, tmp_path):
