@@ -20,6 +20,19 @@ V vocabulary, t tensor-parallel degree, d the FSDP shard degree:
 - runtime: the CUDA context and allocator slack (1.5 GB), or on CPU the footprint of a fresh
   Python process with the training code loaded (measured when planning).
 
+Traffic per rank per optimizer step (bytes sent, ring collectives: an all-gather or
+reduce-scatter of B bytes over n ranks sends (n-1)/n x B from each, an all-reduce twice that),
+d = dp_shard, r = dp_replicate, k = micro batches per step, g = 2 bytes (bf16 gathers) or 4:
+- FSDP all-gathers every micro batch: each block in forward and again in backward (once with
+  reshard_after_forward off), the root once: k (n-1)/n g (2 L block + root) / t, over d ranks;
+- one reduce-scatter of the fp32 gradients per step: (d-1)/d 4P/t;
+- HSDP: one all-reduce of the gradient shard across the r replicas: 2 (r-1)/r 4P/(d t).
+The mesh is (dp_replicate, dp_shard, tp), tp innermost: a group stays on a node's NVLink when
+it spans no more ranks than a node has GPUs (d t for the shard group, r d t for the replicas),
+otherwise its traffic crosses the inter-node link. Tensor parallelism's activation traffic is
+not counted. tests/test_plan.py checks these bytes against the collectives of real FSDP(2) and
+HSDP(2x2) runs.
+
 --measure builds the model on the meta device under the recipe's real parallel plan, once per
 rank over torch's fake process group, and reports the parameter elements each rank actually
 holds, so the sharding term is checked against real sharding rather than trusted.
@@ -98,6 +111,22 @@ def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
     return out
 
 
+def traffic(cfg: Config, sh: Shape, gpus_per_node: int) -> dict:
+    """Bytes one rank sends per optimizer step in FSDP2's collectives, by link (the docstring's
+    formula): {"inter_node": ..., "intra_node": ...}."""
+    p, t = cfg.parallel, cfg.parallel.tp
+    d, r = p.dp_shard, p.dp_replicate
+    k = max(1, cfg.train.global_batch_size // (cfg.train.micro_batch_size * d * r))
+    g = 2 if cfg.train.dtype == "bf16" else 4
+    gathered = ((2 if p.reshard_after_forward else 1) * sh.L * sh.block + sh.root) / t
+    shard = (d - 1) / d * (k * g * gathered + 4 * sh.P / t)
+    replicate = 2 * (r - 1) / r * 4 * sh.P / (d * t)
+    out = {"inter_node": 0.0, "intra_node": 0.0}
+    out["intra_node" if d * t <= gpus_per_node else "inter_node"] += shard
+    out["intra_node" if r * d * t <= gpus_per_node else "inter_node"] += replicate
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def process_rss() -> float:
     """RSS of a fresh Python process that has loaded the training code (and with it torch)."""
@@ -114,7 +143,7 @@ def largest_micro_batch(cfg, sh, device, capacity) -> int:
 
 
 def plan(cfg: Config, gpus: int, gpu: str, gpu_mem_gb: float | None, mfu: float, device: str,
-         vocab_size: int = 50257) -> dict:
+         vocab_size: int = 50257, gpus_per_node: int = 8) -> dict:
     sh = shape_of(cfg, vocab_size)
     t = cfg.train
     mem = memory(cfg, sh, t.micro_batch_size, device)
@@ -128,7 +157,8 @@ def plan(cfg: Config, gpus: int, gpu: str, gpu_mem_gb: float | None, mfu: float,
             "largest_micro_batch": largest_micro_batch(cfg, sh, device, capacity),
             "tokens_per_step": tokens_per_step, "step_s": step_s,
             "tokens_per_sec": tokens_per_step / step_s, "run_s": step_s * t.max_steps,
-            "run_tokens": tokens_per_step * t.max_steps}
+            "run_tokens": tokens_per_step * t.max_steps, "traffic": traffic(cfg, sh, gpus_per_node),
+            "gpus_per_node": gpus_per_node}
 
 
 def load_for_world(recipe: str, gpus: int, overrides=()) -> Config:
@@ -165,6 +195,9 @@ def report(cfg: Config, r: dict, gpus: int, gpu: str, mfu: float) -> str:
     lines.append(f"at {mfu:.0%} MFU: {r['tokens_per_sec']:,.0f} tokens/s, {r['step_s']:.2f} s per step of "
                  f"{r['tokens_per_step']:,} tokens, {duration(r['run_s'])} for {cfg.train.max_steps:,} steps "
                  f"({r['run_tokens'] / 1e9:.1f}B tokens)")
+    tr = r["traffic"]
+    lines.append(f"FSDP traffic per rank per step: {tr['inter_node'] / GB:.2f} GB over the inter-node link, "
+                 f"{tr['intra_node'] / GB:.2f} GB within a node ({r['gpus_per_node']} GPUs per node)")
     return "\n".join(lines)
 
 
@@ -206,7 +239,7 @@ def parse_gb(text: str) -> float:
 
 def check_args(a):
     """The numbers plan() divides by and counts with; argparse checks only their types."""
-    for opt, value in (("--gpus", a.gpus), ("--vocab-size", a.vocab_size)):
+    for opt, value in (("--gpus", a.gpus), ("--vocab-size", a.vocab_size), ("--gpus-per-node", a.gpus_per_node)):
         if value < 1:
             raise ValueError(f"{opt}: must be >= 1, got {value}")
     if not 0 < a.mfu <= 1:
@@ -222,13 +255,15 @@ def main(argv=None):
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="plan a CPU run instead")
     ap.add_argument("--vocab-size", type=int, default=50257, help="when the recipe leaves it to the dataset")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="which collectives stay on a node's NVLink")
     ap.add_argument("--measure", action="store_true", help="also count each rank's real shard (CPU processes)")
     ap.error = die  # one line, like every bad input, not argparse's usage block
     a, a.overrides = ap.parse_known_args(argv)  # the rest: --section.key=value overrides
     try:
         check_args(a)
         cfg = load_for_world(a.recipe, a.gpus, a.overrides)
-        r = plan(cfg, a.gpus, a.gpu, parse_gb(a.gpu_mem) if a.gpu_mem else None, a.mfu, a.device, a.vocab_size)
+        r = plan(cfg, a.gpus, a.gpu, parse_gb(a.gpu_mem) if a.gpu_mem else None, a.mfu, a.device, a.vocab_size,
+                 a.gpus_per_node)
     except (ConfigError, ValueError) as e:
         die(str(e))
     print(report(cfg, r, a.gpus, a.gpu, a.mfu))

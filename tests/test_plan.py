@@ -14,7 +14,7 @@ from scaling.plan import load_for_world, measure, plan
 GPT2 = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 # recipe: the world size it targets
 RECIPES = {"gpt2_124m_ddp": 8, "gpt2_124m_fsdp": 8, "gpt2_350m_fsdp": 8, "gpt2_774m_fsdp": 16,
-           "gpt2_xl_fsdp": 32, "gpt2_xl_fsdp_tp": 20, "gpt2_124m_finetune_owt": 1, "shakespeare_char": 1,
+           "gpt2_xl_fsdp": 32, "gpt2_xl_fsdp_tp": 20, "gpt2_774m_hsdp": 16, "gpt2_xl_hsdp": 32, "gpt2_124m_finetune_owt": 1, "shakespeare_char": 1,
            "cpu_demo": 2}
 
 
@@ -136,3 +136,51 @@ def test_bad_plan_argument_exits_2_with_one_line_naming_it(args, message, capsys
     with pytest.raises(SystemExit) as e:
         main([str(ROOT / "recipes" / "gpt2_124m_fsdp.yaml"), *args])
     assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+# Every collective a rank issues, as bytes sent under the ring model the planner uses: (n-1)/n
+# of an all-gather's output or a reduce-scatter's input, twice that of an all-reduce.
+COUNT_COLLECTIVES = """
+import atexit, inspect, json, os
+import torch.distributed as dist
+sent = [0.0]
+def counted(name, payload, factor):
+    call = getattr(dist, name)
+    signature = inspect.signature(call)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        n, t = dist.get_world_size(bound.get("group")), bound[payload]
+        if n > 1:
+            sent[0] += factor * (n - 1) / n * t.numel() * t.element_size()
+        return call(*args, **kwargs)
+    setattr(dist, name, wrapper)
+counted("all_gather_single", "output_tensor", 1)
+counted("all_gather_into_tensor", "output_tensor", 1)
+counted("reduce_scatter_single", "input", 1)
+counted("reduce_scatter_tensor", "input", 1)
+counted("all_reduce", "tensor", 2)
+atexit.register(lambda: open(os.path.join(os.environ["COUNT_DIR"], os.environ["RANK"]), "w").write(json.dumps(sent[0])))
+"""
+
+
+@pytest.mark.parametrize("layout, nproc", [({"dp_shard": 2}, 2), ({"dp_replicate": 2, "dp_shard": 2}, 4)],
+                         ids=["fsdp2", "hsdp2x2"])
+def test_planned_traffic_per_step_is_what_fsdp_sends(layout, nproc, data_root, tmp_path):
+    from conftest import TINY, run_torchrun
+    from scaling.plan import shape_of, traffic
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(COUNT_COLLECTIVES)
+    overrides = [f"--parallel.{k}={v}" for k, v in layout.items()] + [
+        "--train.global_batch_size=16", "--train.micro_batch_size=4",  # two micro batches per step (HSDP: one)
+        "--train.eval_every=0", "--logging.every=100", "--checkpoint.every=100", "--logging.sample_tokens=0"]
+    sent = {}
+    for steps in (2, 3):  # one step's traffic is the difference: set-up and the final save cancel out
+        (tmp_path / f"count{steps}").mkdir()
+        run_torchrun(nproc, "scaling.train", *tiny_args(data_root, tmp_path / f"run{steps}", *overrides,
+                                                        f"--train.max_steps={steps}"),
+                     env={"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}", "COUNT_DIR": str(tmp_path / f"count{steps}")})
+        sent[steps] = [float((tmp_path / f"count{steps}" / str(r)).read_text()) for r in range(nproc)]
+    measured = [b - a for a, b in zip(sent[2], sent[3])]
+    cfg = load_for_world(str(TINY), nproc, [f"--data.root={data_root}", *overrides])
+    planned = sum(traffic(cfg, shape_of(cfg, 256), gpus_per_node=8).values())
+    assert all(m == pytest.approx(planned, rel=0.01) for m in measured), (measured, planned)
