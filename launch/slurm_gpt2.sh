@@ -78,6 +78,19 @@ mkdir -p "$LOG_DIR"
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_JOB_NUM_NODES nodes x $NPROC processes," \
      "head $HEAD_NODE ($HEAD_ADDR:$PORT), recipe $RECIPE"
 
+# The preflight: every node's versions, GPUs and network, the run folder and the interconnect,
+# checked in seconds before any GPU-hour is spent (python -m scaling.preflight; SCALING_PREFLIGHT=0
+# skips it). Its report goes to this job's output, torchrun's own noise to the logs.
+if [ "${SCALING_PREFLIGHT:-1}" != 0 ]; then
+  if ! srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" --error="$LOG_DIR/%x-%j-preflight-node%t.err" \
+      "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
+      --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$(( PORT + 1 ))" --rdzv_id="$SLURM_JOB_ID-preflight" \
+      -m scaling.preflight "$RECIPE" "${DEVICE_ARGS[@]}" "$@"; then
+    echo "$(date +%T) preflight failed: nothing was trained (the lines above say why; SCALING_PREFLIGHT=0 skips it)"
+    exit 2
+  fi
+fi
+
 # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: without it every
 # node's workers would share one core.
 srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" --output="$LOG_DIR/%x-%j-node%t.out" \

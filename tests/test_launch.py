@@ -5,6 +5,7 @@ interconnect benchmark runs in test_readme.py)."""
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_metrics, run_module, run_torchrun, tiny_args, train_losses
+from conftest import ROOT, TINY, read_metrics, run_module, run_torchrun, tiny_args, train_losses
 from slurm_cluster import Cluster, install
 
 COMMON = ["--train.global_batch_size=8", "--train.micro_batch_size=4", "--parallel.timeout_s=60"]
@@ -49,7 +50,8 @@ def test_sbatch_trains_over_two_nodes(slurm, data_root, tmp_path):
     port = int(re.search(r"head \S+ \(\S+:(\d+)\)", out).group(1))
     assert 20000 <= port < 32768  # below the ephemeral range the kernel gives outgoing connections
     assert "dp_shard: 2" in (tmp_path / "config.yaml").read_text()  # world size 2: one rank per node
-    assert {f.name for f in (tmp_path / "logs").iterdir()} == {f"gpt2-{job}-node0.out", f"gpt2-{job}-node1.out"}
+    assert {f.name for f in (tmp_path / "logs").glob("*.out")} == {f"gpt2-{job}-node0.out", f"gpt2-{job}-node1.out"}
+    assert "preflight: OK" in out and re.search(r"^0 .*\n1 ", out, re.M), out  # one table row per node
     assert all(math.isfinite(x) for x in train_losses(tmp_path))
 
 
@@ -65,7 +67,8 @@ def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_roo
     losses around the first resume are an uninterrupted run's."""
     steps = ["--logging.every=1", "--train.eval_every=0", "--checkpoint.every=100000",
              "--optim.decay_steps=998"]  # the schedule of max_steps=1000, whatever max_steps is
-    job = sbatch(slurm, tmp_path, data_root, "--train.max_steps=1000", *steps, time_limit="2")
+    job = sbatch(slurm, tmp_path, data_root, "--train.max_steps=1000", *steps, time_limit="2",
+                 env={"SCALING_PREFLIGHT": "0"})  # the 2-minute budget is the training's
     j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
     out = (tmp_path / f"slurm-{job}.out").read_text()
     assert j["JobState"] == "COMPLETED" and int(j["Restarts"]) >= 1, out + slurm.logs()
@@ -109,7 +112,7 @@ def test_a_stop_save_longer_than_torchruns_30_s_still_commits_and_the_requeued_j
     killed mid-save and nothing is committed: the first case's check can fail."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(SLOW_SAVES)
-    env = {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}", "SLOW_SAVE_S": "40"}
+    env = {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}", "SLOW_SAVE_S": "40", "SCALING_PREFLIGHT": "0"}
     if shutdown_timeout:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown_timeout
     steps = ["--logging.every=1", "--train.eval_every=0", "--checkpoint.every=100000", "--train.max_steps=100000"]
@@ -131,6 +134,38 @@ def test_a_stop_save_longer_than_torchruns_30_s_still_commits_and_the_requeued_j
         slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PENDING", "REQUEUED"}, timeout=180)
         slurm.run(["scancel", str(job)], check=False)
         assert not [p for p in (tmp_path / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")]
+
+
+# Node 1 as a broken node: another torch, and a run folder it cannot write to.
+BROKEN_NODE_1 = """
+import os, pathlib
+if os.environ.get("SLURM_NODEID") == "1":
+    import torch
+    torch.__version__ = "2.0.0"
+    write_text = pathlib.Path.write_text
+    def read_only(self, *args, **kwargs):
+        if ".preflight" in self.parts:
+            raise PermissionError(13, "Permission denied")
+        return write_text(self, *args, **kwargs)
+    pathlib.Path.write_text = read_only
+"""
+
+
+@pytest.mark.slow
+def test_the_preflight_stops_a_job_on_a_broken_node_with_one_line_per_problem(slurm, data_root, tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(BROKEN_NODE_1)
+    env = {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}"}
+    job = sbatch(slurm, tmp_path, data_root, "--checkpoint.keep=100000000", env=env)  # more than any disk
+    j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    found = [line for line in out.splitlines() if line.startswith("preflight: ")]
+    assert j["JobState"] == "FAILED" and len(found) == 4 and found[-1] == "preflight: 3 problem(s)", out
+    assert found[0].startswith("preflight: torch versions differ: 2.13") and found[0].endswith("; 2.0.0 on node 1")
+    assert found[1] == f"preflight: run folder {tmp_path} on node 1: not writable (Permission denied)"
+    assert re.fullmatch(rf"preflight: run folder {tmp_path}: [\d.]+ GB free, but checkpoint.keep=100000000 "
+                        r"checkpoints and the one being written need [\d.]+ GB", found[2])
+    assert "preflight failed: nothing was trained" in out and not (tmp_path / "metrics.jsonl").exists()
 
 
 def logs_of(run_dir):
@@ -197,3 +232,27 @@ def test_launchers_find_the_checkouts_venv_without_it_on_path(tmp_path):
 def test_launchers_refuse_a_python_without_torch_in_one_line(tmp_path):
     p = find_python(tmp_path, PYTHON="/bin/false")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "PYTHON" in p.stderr, p.stderr
+
+
+def test_the_preflight_passes_on_a_healthy_machine_and_cleans_up(data_root, tmp_path):
+    p = run_torchrun(2, "scaling.preflight", TINY, f"--data.root={data_root}", f"--logging.run_dir={tmp_path / 'run'}")
+    lines = p.stdout.splitlines()
+    assert lines[0].split()[:4] == ["node", "host", "procs", "gpus"] and lines[1].split()[:3] == ["0", socket.gethostname(), "2"]
+    assert lines[-1] == "preflight: OK" and "all-reduce bus bandwidth:" in p.stdout
+    assert list((tmp_path / "run").iterdir()) == []  # its probe files are gone; training starts from an empty folder
+
+
+def test_the_preflight_names_a_loopback_head_across_hosts_and_a_node_short_of_gpus(data_root, tmp_path, monkeypatch):
+    from scaling.config import load_config
+    from scaling.preflight import problems
+    cfg = load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={tmp_path}"])
+    node = {"torch": "2.13.0", "cuda": "13.0", "nccl": "2.27.3", "driver": "580.65", "python": "3.12.3",
+            "project": "e771c80", "local_world": 8, "gpus": 8}
+    reports = [{**node, "node": "0", "host": "gpu-a"}, {**node, "node": "1", "host": "gpu-b", "gpus": 7}]
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    assert problems(cfg, reports, [None, None], True, 0.0, 0.0, False) == [
+        "node 1 (gpu-b): 7 GPUs for 8 processes",
+        "head address localhost is a loopback address, but the ranks run on 2 hosts: "
+        "set MASTER_ADDR to an address the other nodes reach"]
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    assert problems(cfg, [reports[0], {**reports[1], "gpus": 8}], [None, None], True, 0.0, 0.0, False) == []
