@@ -113,12 +113,17 @@ def checkpoint_bytes(cfg) -> float:
     return 12 * shape_of(cfg, cfg.model.vocab_size or 50257).P
 
 
+def node_order(r: dict):
+    """Nodes in their Slurm order, whichever holds rank 0 (the rendezvous decides that)."""
+    return (0, int(r["node"]), "") if r["node"].isdigit() else (1, 0, r["node"])
+
+
 def problems(cfg, reports: list[dict], dirs: list[str | None], on_gpus: bool, bw: float, min_bw: float,
              strict: bool) -> list[str]:
     out = []
     for key in VERSIONS:
         seen = {}
-        for r in reports:
+        for r in sorted(reports, key=node_order):
             seen.setdefault(r[key], []).append(f"node {r['node']}")
         if len(seen) > 1:
             out.append(f"{key} versions differ: " + "; ".join(f"{v} on {', '.join(sorted(set(n)))}" for v, n in seen.items()))
@@ -150,7 +155,7 @@ def problems(cfg, reports: list[dict], dirs: list[str | None], on_gpus: bool, bw
 def table(reports: list[dict]) -> str:
     rows = [("node", "host", "procs", "gpus", "gpu", "driver", "cuda", "nccl", "torch", "python", "project", "ifaces", "ib")]
     seen = set()
-    for r in reports:
+    for r in sorted(reports, key=node_order):
         if r["node"] in seen:
             continue
         seen.add(r["node"])
@@ -178,12 +183,12 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     first = check_run_dir(run_dir, None)
-    token = [uuid.uuid4().hex if env.is_main else None]
-    dist.broadcast_object_list(token, src=0)
-    if env.is_main and first is None:
+    # Rank 0's token, when it could write one: who cannot read it sees another folder.
+    token = [uuid.uuid4().hex if env.is_main and first is None else None]
+    if token[0] is not None:
         (run_dir / ".preflight" / "token").write_text(token[0])
-    dist.barrier()
-    second = first or check_run_dir(run_dir, token[0])
+    dist.broadcast_object_list(token, src=0)
+    second = first or (check_run_dir(run_dir, token[0]) if token[0] else None)
     bw = busbw(env.device)
     reports, dirs = [None] * env.world_size, [None] * env.world_size
     dist.all_gather_object(reports, mine)

@@ -161,6 +161,7 @@ def test_the_preflight_stops_a_job_on_a_broken_node_with_one_line_per_problem(sl
     out = (tmp_path / f"slurm-{job}.out").read_text()
     found = [line for line in out.splitlines() if line.startswith("preflight: ")]
     assert j["JobState"] == "FAILED" and len(found) == 4 and found[-1] == "preflight: 3 problem(s)", out
+    # Node 1 may hold rank 0 or not (the rendezvous decides): either way, the same three lines.
     assert found[0].startswith("preflight: torch versions differ: 2.13") and found[0].endswith("; 2.0.0 on node 1")
     assert found[1] == f"preflight: run folder {tmp_path} on node 1: not writable (Permission denied)"
     assert re.fullmatch(rf"preflight: run folder {tmp_path}: [\d.]+ GB free, but checkpoint.keep=100000000 "
@@ -256,3 +257,15 @@ def test_the_preflight_names_a_loopback_head_across_hosts_and_a_node_short_of_gp
         "set MASTER_ADDR to an address the other nodes reach"]
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     assert problems(cfg, [reports[0], {**reports[1], "gpus": 8}], [None, None], True, 0.0, 0.0, False) == []
+
+
+def test_a_run_folder_rank_0_cannot_write_is_one_problem_not_also_a_foreign_folder(data_root, tmp_path):
+    # Whichever node holds rank 0 (the rendezvous decides), its failure is reported once.
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(BROKEN_NODE_1.replace('os.environ.get("SLURM_NODEID") == "1"',
+                                                                                'os.environ.get("RANK") == "0"'))
+    p = run_torchrun(2, "scaling.preflight", TINY, f"--data.root={data_root}", f"--logging.run_dir={tmp_path / 'run'}",
+                     env={"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}"}, check=False)
+    found = [line for line in p.stdout.splitlines() if line.startswith("preflight: ")]
+    folder = [line for line in found if "run folder" in line]
+    assert folder == [f"preflight: run folder {tmp_path / 'run'} on node 0: not writable (Permission denied)"], p.stdout
