@@ -9,7 +9,8 @@ line per problem, and exits 2 if there is any:
 - the run folder not writable on a node, or not the same folder everywhere (a file rank 0 writes
   there must be visible to every rank);
 - less free space in the run folder than checkpoint.keep checkpoints of this recipe, plus the
-  one being written, need (4 bytes of weights and 8 of AdamW state per parameter);
+  one being written, need (4 bytes of weights and 8 of AdamW state per parameter), less what a
+  resumed run's checkpoints already occupy;
 - all-reduce bus bandwidth below --min-busbw (default: 100 GB/s on one GPU node, 20 across GPU
   nodes, 1 with SCALING_FABRIC=ethernet; none on CPU): a warning, a problem with --strict.
 launch/slurm_gpt2.sh runs it before training unless SCALING_PREFLIGHT=0. It takes seconds.
@@ -142,11 +143,14 @@ def problems(cfg, reports: list[dict], dirs: list[str | None], on_gpus: bool, bw
     run_dir = Path(cfg.logging.run_dir)
     for why in sorted({(r["node"], d) for r, d in zip(reports, dirs) if d}):
         out.append(f"run folder {run_dir} on node {why[0]}: {why[1]}")
-    need = (cfg.checkpoint.keep + 1) * checkpoint_bytes(cfg) if cfg.checkpoint.keep > 0 else 0
+    # A resumed run's checkpoints already hold part of that space (they are among the keep + 1).
+    saved = run_dir / "checkpoints"
+    have = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) if saved.is_dir() else 0
+    need = max(0.0, (cfg.checkpoint.keep + 1) * checkpoint_bytes(cfg) - have) if cfg.checkpoint.keep > 0 else 0
     free = shutil.disk_usage(run_dir).free
     if need > free:
         out.append(f"run folder {run_dir}: {free / 1e9:.1f} GB free, but checkpoint.keep={cfg.checkpoint.keep} "
-                   f"checkpoints and the one being written need {need / 1e9:.1f} GB")
+                   f"checkpoints and the one being written need {need / 1e9:.1f} GB more")
     if bw < min_bw and strict:
         out.append(f"all-reduce bus bandwidth {bw:.1f} GB/s is below {min_bw:.1f} GB/s (--min-busbw)")
     return out

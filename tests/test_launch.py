@@ -165,7 +165,7 @@ def test_the_preflight_stops_a_job_on_a_broken_node_with_one_line_per_problem(sl
     assert found[0].startswith("preflight: torch versions differ: 2.13") and found[0].endswith("; 2.0.0 on node 1")
     assert found[1] == f"preflight: run folder {tmp_path} on node 1: not writable (Permission denied)"
     assert re.fullmatch(rf"preflight: run folder {tmp_path}: [\d.]+ GB free, but checkpoint.keep=100000000 "
-                        r"checkpoints and the one being written need [\d.]+ GB", found[2])
+                        r"checkpoints and the one being written need [\d.]+ GB more", found[2])
     assert "preflight failed: nothing was trained" in out and not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -257,6 +257,24 @@ def test_the_preflight_names_a_loopback_head_across_hosts_and_a_node_short_of_gp
         "set MASTER_ADDR to an address the other nodes reach"]
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     assert problems(cfg, [reports[0], {**reports[1], "gpus": 8}], [None, None], True, 0.0, 0.0, False) == []
+
+
+def test_the_preflight_counts_a_resumed_runs_checkpoints_as_space_already_taken(data_root, tmp_path):
+    # A requeued job must not be refused for the space its own checkpoints already hold.
+    import shutil
+    from scaling.config import load_config
+    from scaling.preflight import checkpoint_bytes, problems
+    free = shutil.disk_usage(tmp_path).free
+    cfg = load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={tmp_path}"])
+    per = checkpoint_bytes(cfg)
+    cfg.checkpoint.keep = int(free // per) + 1000  # keep + 1 checkpoints: ~1.5 GB more than the disk has free
+    ok = {"torch": "x", "cuda": "x", "nccl": "x", "driver": "x", "python": "x", "project": "x", "node": "0",
+          "host": "h", "local_world": 1, "gpus": 0}
+    assert any("checkpoints and the one being written need" in x for x in problems(cfg, [ok], [None], False, 0, 0, False))
+    (tmp_path / "checkpoints" / "step_2").mkdir(parents=True)
+    with open(tmp_path / "checkpoints" / "step_2" / "weights", "wb") as f:
+        f.truncate(int(2000 * per))  # sparse: it counts at its size (~3 GB) and costs no disk
+    assert problems(cfg, [ok], [None], False, 0, 0, False) == []
 
 
 def test_a_run_folder_rank_0_cannot_write_is_one_problem_not_also_a_foreign_folder(data_root, tmp_path):
