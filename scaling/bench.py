@@ -8,7 +8,11 @@ layouts: the demo recipe under each parallel layout (real torchrun processes), t
 prepare: GPT-2 tokenization of the embedded corpus (Python stdlib source) by the preparation
   pipeline at 1 and N workers against a plain encode_ordinary loop, and the pipeline's peak
   memory for 10M tokens and for 1B (10x the default shard size), about 2 minutes.
-loader: the data loader's time per optimizer step against the demo model's training step.
+loader: the training loader on a synthetic 9B-token dataset (a sparse file): its start-up time and
+  memory, then at the 124M shape (4 micro batches of 12 x 1024 tokens per step) with a simulated
+  slow read (--read-ms per window) and compute (--compute-ms per micro batch, the host idle as
+  while a GPU computes), the time each step waits for its batches with no worker and with 1 and
+  2 workers reading 2 steps ahead.
 checkpoint: the cost of checkpoint checksums at the 124M shape (GPT-2 small with its AdamW
   state, 1.5 GB): computing them (rank 0's background committer does it after each save), and a
   resume (process start to 'resumed from') with checkpoint.verify on and off; median of
@@ -218,23 +222,87 @@ def prepare_memory(repeats: list[int], shard_tokens: int) -> list[dict]:
     return out
 
 
-def loader_overhead(recipe: str, overrides: list[str], steps: int) -> dict:
-    """Time the loader takes to produce one optimizer step's batches, against the step itself."""
-    from scaling.data import DataLoader
-    cfg = load_config(recipe, overrides)
-    t = cfg.train
-    ld = DataLoader(TokenWindows(dataset_dir(cfg), "train", t.seq_len), t.micro_batch_size,
-                    t.global_batch_size, seed=t.seed)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+class SlowWindows(TokenWindows):
+    """Windows from a slow filesystem: each one takes read_ms to arrive."""
+
+    def __init__(self, *args, read_ms: float):
+        super().__init__(*args)
+        self.read_ms = read_ms
+
+    def rows(self, ws):
+        time.sleep(self.read_ms * len(ws) / 1e3)
+        return super().rows(ws)
+
+
+def synthetic_dataset(folder: Path, tokens: int, sparse: bool) -> Path:
+    """A GPT-2 dataset of `tokens` ids in one token file: zeros in a sparse file (its size, not its
+    disk use) or random ids written out (read from the page cache)."""
+    from scaling.data import HEADER, HEADER_BYTES, MAGIC, VERSION, write_tokens
+    folder.mkdir(parents=True)
+    if sparse:
+        with open(folder / "train_000000.bin", "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, 2, tokens).ljust(HEADER_BYTES, b"\0"))
+            f.truncate(HEADER_BYTES + 2 * tokens)
+    else:
+        write_tokens(folder / "train_000000.bin", torch.randint(0, 50257, (tokens,)).numpy(), 50257)
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "splits": {
+        "train": {"files": ["train_000000.bin"], "tokens": tokens}}}))
+    return folder
+
+
+def _kb(pid="self", keys=("VmRSS",), name="status") -> int:
+    """Sum of /proc/PID/<name> fields in kB: resident memory (status: VmRSS) or a forked
+    process's own pages (smaps_rollup: Private_Clean, Private_Dirty)."""
+    return sum(int(line.split()[1]) for line in Path(f"/proc/{pid}/{name}").read_text().splitlines()
+               if line.split(":")[0] in keys)
+
+
+def loader_bench(tokens: float, read_ms: float, compute_ms: float, steps: int) -> dict:
+    """Start-up on a 9B-token dataset, then the step's wait for data with and without read-ahead
+    at the 124M shape (micro batches of 12 x 1024 tokens, 4 per step, 8 ranks' step on rank 0)."""
+    import numpy as np
+    from scaling.loader import DataLoader
+    folder = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        data = synthetic_dataset(folder / "sparse", int(tokens), sparse=True)
+        rss0, t0 = _kb(), time.perf_counter()
+        ld = DataLoader(TokenWindows(data, "train", 1024), 12, 12 * 4 * 8, dp_size=8, seed=1337)
         ld.next_step()
-    per_step = (time.perf_counter() - t0) / steps
-    step_time = cfg.train.global_batch_size * t.seq_len / framework_loop(cfg, 10)
-    r = {"loader_ms_per_step": per_step * 1e3, "train_step_ms": step_time * 1e3,
-         "loader_fraction": per_step / step_time}
-    print(f"loader {r['loader_ms_per_step']:.2f} ms per step vs training step {r['train_step_ms']:.0f} ms: "
-          f"{100 * r['loader_fraction']:.2f}%", flush=True)
-    return r
+        start = {"tokens": int(tokens), "windows": ld.windows.num_windows, "start_s": time.perf_counter() - t0,
+                 "rank_rss_mb": (_kb() - rss0) / 1024,
+                 "worker_private_mb": [_kb(w.pid, ("Private_Clean", "Private_Dirty"), "smaps_rollup") / 1024
+                                       for w in ld._it._workers]}
+        ld.close()
+        t0 = time.perf_counter()  # what one stored permutation per epoch (the loader before) cost
+        perm = np.random.Generator(np.random.PCG64([1337, 0])).permutation(start["windows"])
+        start["permutation_s"], start["permutation_mb"] = time.perf_counter() - t0, perm.nbytes / 2**20
+        del perm
+        print(f"start-up on {start['tokens']:,} tokens ({start['windows']:,} windows of 1025): first step after "
+              f"{start['start_s']:.2f} s, rank +{start['rank_rss_mb']:.1f} MB RSS, worker "
+              f"{', '.join(f'{m:.1f}' for m in start['worker_private_mb'])} MB of its own; a stored permutation would take "
+              f"{start['permutation_s']:.2f} s and {start['permutation_mb']:.0f} MB per epoch and process", flush=True)
+        data = synthetic_dataset(folder / "cached", 50_000_000, sparse=False)  # reads cost only read_ms
+        waits = []
+        print(f"{'workers':>7} {'prefetch':>8} {'data wait ms/step':>18} {'step ms':>8}  (reads {read_ms} ms/window, "
+              f"compute {compute_ms} ms/micro batch)", flush=True)
+        for workers, prefetch in ((0, 0), (1, 2), (2, 2)):
+            ld = DataLoader(SlowWindows(data, "train", 1024, read_ms=read_ms), 12, 12 * 4 * 8, dp_size=8,
+                            seed=1337, workers=workers, prefetch_steps=max(prefetch, 1))
+            wait, total = [], []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                batches = ld.next_step()
+                wait.append(time.perf_counter() - t0)
+                time.sleep(compute_ms * len(batches) / 1e3)  # the GPU computing; the host is free
+                total.append(time.perf_counter() - t0)
+            ld.close()
+            r = {"workers": workers, "prefetch_steps": prefetch, "data_wait_ms": 1e3 * statistics.mean(wait[2:]),
+                 "step_ms": 1e3 * statistics.mean(total[2:])}
+            waits.append(r)
+            print(f"{workers:7} {prefetch:8} {r['data_wait_ms']:18.1f} {r['step_ms']:8.1f}", flush=True)
+        return {"start": start, "read_ms": read_ms, "compute_ms": compute_ms, "steps": steps, "wait": waits}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def comm(max_mb: float, iters: int = 10) -> list[dict]:
@@ -347,6 +415,9 @@ def main(argv=None):
     ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="prepare: shard size for the memory runs")
     ap.add_argument("--compile", action="store_true", help="throughput: also time the framework with "
                     "parallel.compile=true")
+    ap.add_argument("--tokens", type=float, default=9e9, help="loader: dataset size")
+    ap.add_argument("--read-ms", type=float, default=2.0, help="loader: simulated read time per window")
+    ap.add_argument("--compute-ms", type=float, default=50.0, help="loader: simulated compute per micro batch")
     ap.add_argument("--max-mb", type=float, default=64, help="comm: largest message in MiB")
     ap.add_argument("--out", default=None, help="JSON results (default runs/bench_<what>.json)")
     a, a.overrides = ap.parse_known_args(argv)  # the rest: --section.key=value for every case
@@ -367,7 +438,7 @@ def main(argv=None):
         results = {"speed": prepare_speed(a.workers, a.rounds, a.repeat),
                    "memory": prepare_memory(repeats, a.shard_tokens)}
     elif a.what == "loader":
-        results = loader_overhead(a.recipe, a.overrides, a.steps)
+        results = loader_bench(a.tokens, a.read_ms, a.compute_ms, a.steps)
     elif a.what == "checkpoint":
         results = checkpoint_cost(a.rounds)
     else:

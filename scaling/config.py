@@ -48,6 +48,9 @@ class DataConfig:
     dataset: str = opt("embedded", "dataset name: token files in <root>/<dataset>/")
     tokenizer: str | None = opt(None, "expected tokenizer (checked against the dataset's meta.json)",
                                 ["byte", "char", "gpt2"])
+    workers: int = opt(1, "loader processes per rank reading batches ahead of the step; 0 reads them in the "
+                       "training process when needed (no read-ahead)")
+    prefetch_steps: int = opt(2, "optimizer steps of micro batches the workers keep read ahead")
 
 
 @dataclass
@@ -296,12 +299,12 @@ def resolve(cfg: Config):
         raise ConfigError(f"train.grad_clip: must be >= 0 (0 disables clipping), got {t.grad_clip}")
     if t.spike_zscore < 0:
         raise ConfigError(f"train.spike_zscore: must be >= 0 (0 disables the guard), got {t.spike_zscore}")
-    _positive(cfg, "train.spike_window", "parallel.timeout_s")
+    _positive(cfg, "train.spike_window", "parallel.timeout_s", "data.prefetch_steps")
     _check_profile_steps(cfg.logging.profile_steps)
     if not 0 <= cfg.logging.sample_temperature < math.inf:
         raise ConfigError(f"logging.sample_temperature: must be finite and >= 0 (0 is greedy), "
                           f"got {cfg.logging.sample_temperature}")
-    for key in ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
+    for key in ("data.workers", "optim.warmup_steps", "train.eval_every", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
                 "logging.sample_tokens"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")

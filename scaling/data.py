@@ -1,15 +1,12 @@
-"""Token files and the distributed, exactly resumable loader that reads them.
+"""Token files: their format, writing them, and reading one split as fixed-length windows.
 
 A dataset is a folder: meta.json (tokenizer, vocab size, token counts, source) and, per split,
 one or more token files `<split>_<k>.bin`. A token file is a 64-byte header (magic, format
 version, bytes per token, token count) followed by the ids as little-endian uint16 (uint32 when
 the vocabulary does not fit in 16 bits). Files are read through np.memmap, never loaded whole.
 
-Sampling: a split is cut into non-overlapping windows of seq_len + 1 tokens (inputs and their
-next-token targets). Sample number i of the run (counted over all data-parallel ranks together)
-is window perm_e[i mod W] of epoch e = i div W, where perm_e is a permutation drawn from
-(seed, e). The loader's whole state is therefore one number, the global position, and a resumed
-run continues with exactly the next sample, whatever the number of ranks.
+A split is cut into non-overlapping windows of seq_len + 1 tokens (inputs and their next-token
+targets); scaling.loader decides which window each rank reads at each step.
 """
 
 import json
@@ -18,7 +15,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from scaling.tokenizer import TOKENIZERS
 
@@ -153,6 +149,15 @@ class TokenWindows:
         if self.num_windows == 0:
             raise DataError(f"{data_dir}: '{split}' split has fewer than {seq_len + 1} tokens")
 
+    def __getstate__(self):
+        """Pickled by path (a loader worker started by spawn or forkserver maps the files again):
+        a pickled memmap would carry its whole file."""
+        return {**self.__dict__, "files": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.files = [read_tokens(p) for p in self.paths]
+
     def _file(self, w: int) -> int:
         return int(np.searchsorted(self.starts, w, side="right")) - 1
 
@@ -176,58 +181,3 @@ class TokenWindows:
     def window(self, w: int) -> np.ndarray:
         """Window w (seq_len + 1 ids), checked as rows() checks a batch."""
         return self.rows([w])[0]
-
-
-class DataLoader:
-    """Batches for one data-parallel rank, in an order fixed by (seed, global position).
-
-    Each optimizer step consumes global_batch consecutive positions of the sample stream; rank r
-    of dp_size reads the r-th contiguous slice of them, micro batch by micro batch. Implements
-    the Stateful protocol (state_dict / load_state_dict) for checkpoints.
-    """
-
-    def __init__(self, windows: TokenWindows, micro_batch: int, global_batch: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, shuffle: bool = True, device="cpu"):
-        assert global_batch % (micro_batch * dp_size) == 0
-        self.windows = windows
-        self.micro_batch, self.global_batch = micro_batch, global_batch
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.seed, self.shuffle = seed, shuffle
-        self.device = torch.device(device)
-        self.position = 0  # global sample index at the start of the next step
-        self.micro_steps = global_batch // (micro_batch * dp_size)
-        self._perm_epoch, self._perm = None, None
-
-    def _window_index(self, i: int) -> int:
-        W = self.windows.num_windows
-        epoch, j = divmod(i, W)
-        if not self.shuffle:
-            return j
-        if self._perm_epoch != epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._perm, self._perm_epoch = rng.permutation(W), epoch
-        return int(self._perm[j])
-
-    def _batch(self, first: int):
-        rows = self.windows.rows([self._window_index(i) for i in range(first, first + self.micro_batch)])
-        xy = torch.from_numpy(rows)
-        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            xy = xy.pin_memory().to(self.device, non_blocking=True)
-        return xy[:, :-1], xy[:, 1:]
-
-    def next_step(self):
-        """The micro batches (x, y) of this rank for the next optimizer step."""
-        local = self.global_batch // self.dp_size
-        first = self.position + self.dp_rank * local
-        batches = [self._batch(first + k * self.micro_batch) for k in range(self.micro_steps)]
-        self.position += self.global_batch
-        return batches
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "seq_len": self.windows.seq_len}
-
-    def load_state_dict(self, state: dict):
-        if state["seq_len"] != self.windows.seq_len:
-            raise DataError(f"checkpoint was taken with seq_len {state['seq_len']}, "
-                            f"this run uses {self.windows.seq_len}")
-        self.position, self.seed = int(state["position"]), int(state["seed"])

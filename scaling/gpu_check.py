@@ -12,6 +12,7 @@ check fails.
 """
 
 import argparse
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -253,6 +254,10 @@ def main(argv=None):
     if a.part:
         (out / f"{a.part}.json").write_text(json.dumps(PARTS[a.part](out / a.part)))
         return
+    if importlib.util.find_spec("torchdata") is None:  # GPU images often lack it; training needs it
+        sys.exit("error: torchdata is not installed (scaling.loader serves batches through it): pip install "
+                 "'torchdata>=0.10' (a pure-Python wheel; without a network, carry it: pip download torchdata "
+                 "--no-deps, then pip install --no-deps that file)")
     out.mkdir(parents=True, exist_ok=True)
     env, rows, t0 = environment(), [], time.perf_counter()
     for name in a.parts.split(","):

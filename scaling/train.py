@@ -25,7 +25,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from scaling import checkpoint, distributed
 from scaling.checkpoint import CheckpointError
 from scaling.config import Config, ConfigError, die, main_with_config, to_dict
-from scaling.data import DataError, DataLoader, TokenWindows, load_meta
+from scaling.data import DataError, TokenWindows, load_meta
+from scaling.loader import DataLoader
 from scaling.metrics import Metrics, Profiler, StepTimer, memory, peak_flops
 from scaling.model import GPT, GPTConfig, gpt_config, param_seed
 from scaling.optim import build_optimizer, lr_at
@@ -292,7 +293,7 @@ def train(cfg: Config) -> dict:
 
     train_loader = DataLoader(TokenWindows(data_dir, "train", t.seq_len), t.micro_batch_size,
                               t.global_batch_size, dp_rank=dp_rank(dp_mesh), dp_size=dims.dp, seed=t.seed,
-                              device=device)
+                              device=device, workers=cfg.data.workers, prefetch_steps=cfg.data.prefetch_steps)
     val_windows = TokenWindows(data_dir, "val", t.seq_len) if t.eval_every else None
 
     model = build_model(cfg, meta["vocab_size"], dims, mesh, device)
@@ -407,7 +408,7 @@ def train(cfg: Config) -> dict:
             metrics.close()
             raise Preempted()
     profiler.close()
-
+    train_loader.close()
     ckpt.wait()
     ckpt.close()
     if cfg.logging.sample_tokens:
@@ -450,6 +451,9 @@ def main(argv=None):
         die(f"{e.filename or cfg.logging.run_dir}: {(e.strerror or str(e)).lower()}; the checkpoints saved "
             "before are intact")
     except RuntimeError as e:
+        if "DataLoader worker" in str(e):  # killed (out of memory?) or failed: torch says which pid
+            die(f"rank {distributed.rank()}: the data loader's worker process failed ({str(e).splitlines()[0][:200]}); "
+                "the newest complete checkpoint is intact", code=1)
         if not distributed.is_comm_failure(e):
             raise
         # Another rank died or hangs (a collective failed or timed out). Exit now: waiting for

@@ -1,4 +1,4 @@
-"""Token files and the loader: format checks, sampling order, data-parallel slicing."""
+"""Token files: format checks, windows, meta.json, and broken datasets meeting the trainer."""
 
 import json
 import re
@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from scaling.data import HEADER_BYTES, DataError, DataLoader, TokenWindows, load_meta, read_tokens, write_tokens
+from scaling.data import HEADER_BYTES, DataError, TokenWindows, load_meta, read_tokens, write_tokens
+from scaling.loader import DataLoader
 from scaling.prepare import SplitWriter, prepare_embedded, write_meta
 from scaling.tokenizer import ByteTokenizer
 
@@ -63,68 +64,12 @@ def test_windows_hold_inputs_and_shifted_targets_within_one_file(tmp_path):
     assert len(w) == 101 and w[0] == 3000 % 256
 
 
-def test_loader_order_is_fixed_by_seed_and_covers_each_window_once_per_epoch(tmp_path):
-    windows = TokenWindows(make_dataset(tmp_path / "d"), "train", seq_len=100)
-    a = DataLoader(windows, micro_batch=4, global_batch=8, seed=1)
-    b = DataLoader(windows, micro_batch=4, global_batch=8, seed=1)
-    idx = [a._window_index(i) for i in range(windows.num_windows)]
-    assert sorted(idx) == list(range(windows.num_windows))
-    assert all(np.array_equal(x1, x2) for (x1, _), (x2, _) in zip(a.next_step(), b.next_step()))
-    c = DataLoader(windows, micro_batch=4, global_batch=8, seed=2)
-    assert idx != [c._window_index(i) for i in range(windows.num_windows)]
-
-
-def test_data_parallel_ranks_split_each_global_batch_without_overlap(tmp_path):
-    windows = TokenWindows(make_dataset(tmp_path / "d"), "train", seq_len=100)
-    single = DataLoader(windows, micro_batch=2, global_batch=8, seed=3)
-    ranks = [DataLoader(windows, micro_batch=2, global_batch=8, dp_rank=r, dp_size=2, seed=3) for r in (0, 1)]
-    for _ in range(3):
-        whole = np.concatenate([x.numpy() for x, _ in single.next_step()])
-        parts = np.concatenate([x.numpy() for r in ranks for x, _ in r.next_step()])
-        assert np.array_equal(whole, parts)
-
-
-def test_loader_state_is_its_global_position(tmp_path):
-    windows = TokenWindows(make_dataset(tmp_path / "d"), "train", seq_len=100)
-    a = DataLoader(windows, micro_batch=4, global_batch=8, seed=1)
-    a.next_step()
-    b = DataLoader(windows, micro_batch=4, global_batch=8, seed=1)
-    b.load_state_dict(a.state_dict())
-    assert b.state_dict()["position"] == 8
-    assert all(np.array_equal(x1, x2) for (x1, _), (x2, _) in zip(a.next_step(), b.next_step()))
-
-
 def test_embedded_corpus_is_python_source_as_bytes(tmp_path):
     meta = prepare_embedded(tmp_path / "embedded")
     assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 257
     assert meta["splits"]["train"]["tokens"] > 1_000_000 and meta["splits"]["val"]["tokens"] > 10_000
     text = ByteTokenizer().decode(read_tokens(tmp_path / "embedded" / meta["splits"]["train"]["files"][0])[:20_000])
     assert "def " in text and "import " in text
-
-
-def global_order(loaders, steps):
-    """Each step's samples of all ranks together, in rank order."""
-    out = []
-    for _ in range(steps):
-        out.append(np.concatenate([x.numpy() for ld in loaders for x, _ in ld.next_step()]))
-    return out
-
-
-@pytest.mark.parametrize("before, after", [(1, 1), (2, 2), (2, 1), (2, 4)])
-def test_resumed_loader_continues_the_global_order_exactly(before, after, tmp_path):
-    """Resume after 5 steps (crossing an epoch boundary later) on as many or another number of
-    data-parallel ranks: the next batches equal those of the uninterrupted single-rank run."""
-    windows = TokenWindows(make_dataset(tmp_path / "d"), "train", seq_len=100)
-    epoch_steps = windows.num_windows // 8
-    whole = global_order([DataLoader(windows, 2, 8, seed=5)], 5 + 2 * epoch_steps)
-    first = [DataLoader(windows, 2, 8, dp_rank=r, dp_size=before, seed=5) for r in range(before)]
-    assert all(np.array_equal(a, b) for a, b in zip(global_order(first, 5), whole[:5]))
-    state = first[0].state_dict()
-    resumed = [DataLoader(windows, 2, 8, dp_rank=r, dp_size=after, seed=5) for r in range(after)]
-    for ld in resumed:
-        ld.load_state_dict(state)
-    rest = global_order(resumed, 2 * epoch_steps)
-    assert all(np.array_equal(a, b) for a, b in zip(rest, whole[5:]))
 
 
 @pytest.mark.parametrize("override, message", [

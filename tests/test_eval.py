@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -30,14 +31,17 @@ def test_split_loss_of_a_run_matches_its_own_validation(shakespeare_model, data_
 
 def hellaswag_file(path):
     """Four examples in HellaSwag's real format. In each, one ending is Shakespeare's own next
-    line and three are noise; the labels mark Shakespeare's line in examples 0, 1 and 3 but a
+    line and three are noise of its length; the labels mark Shakespeare's line in examples 0, 1 and 3 but a
     noise ending in example 2. A model that prefers English gets 3 of 4: accuracy 0.75."""
     lines = [x for x in SHAKESPEARE.read_text().splitlines() if len(x) > 30][100:108]
-    noise = ["zq xj vkq zzxq pqj wvx", "qqqq jjjj xxxx zzzz", "xz qv jk zq xv jq kz"]
     rows = []
     for i in range(4):
         ctx, real = lines[2 * i], lines[2 * i + 1]
-        endings = noise[:]
+        # Noise as long as the real line, so that the summed loss (acc) and the per-character loss
+        # (acc_norm) agree for a model that prefers English: a short noise ending could win on
+        # the sum alone.
+        rng = random.Random(i)
+        endings = ["".join(rng.choice("qxzjvk ") for _ in real) for _ in range(3)]
         endings.insert(i % 4, real)  # the real ending at position i
         label = i if i != 2 else (i + 1) % 4
         rows.append({"ind": i, "activity_label": "Shakespeare", "ctx_a": ctx, "ctx_b": "", "ctx": ctx,

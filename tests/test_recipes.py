@@ -64,8 +64,14 @@ def test_every_recipe_is_found():
     assert len(RECIPES) >= 9 and all(r.suffix == ".yaml" for r in RECIPES)
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if "hsdp" in r.stem else r for r in RECIPES],
-                         ids=lambda p: p.stem)  # the HSDP recipes shrink to the HSDP(2x2) the matrix already runs
+# In the slow tier: the HSDP recipes shrink to the HSDP(2x2) the layout matrix already runs, and
+# the 350M and 774M FSDP recipes to the FSDP(2) of gpt2_124m_fsdp, from which they differ only in
+# model size (shrunk away), learning rate and batch.
+SLOW_TIER = ("gpt2_774m_hsdp", "gpt2_xl_hsdp", "gpt2_350m_fsdp", "gpt2_774m_fsdp")
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r.stem in SLOW_TIER else r for r in RECIPES],
+                         ids=lambda p: p.stem)
 def test_recipe_trains_evaluates_checkpoints_samples_and_resumes(recipe, recipe_data, hf_dir, tmp_path):
     raw = yaml.safe_load(recipe.read_text())
     layout = shrunk_layout(raw)
