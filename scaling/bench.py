@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scaling.config import load_config
+from scaling.config import load_config, model_config
 from scaling.data import TokenWindows, load_meta
 from scaling.model import GPT
 from scaling.prepare import SHARD_TOKENS
 from scaling.distributed import pick_device
-from scaling.train import dataset_dir, model_config, train
+from scaling.prepare import dataset_dir
+from scaling.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # nanoGPT's shakespeare_char shape: 6 layers, 6 heads, 384 wide, context 256, batch 12.
@@ -317,29 +318,12 @@ def comm(max_mb: float, iters: int = 10) -> list[dict]:
         print(f"{n} ranks, {dist.get_backend()} on {dev.type}\n{'op':15} {'bytes':>12} {'time_us':>10} "
               f"{'algbw GB/s':>11} {'busbw GB/s':>11}", flush=True)
     while size <= max_mb * 2**20:
-        numel = size // 4
-        for op in ("all_reduce", "all_gather", "reduce_scatter"):
-            x = torch.ones(numel, device=dev)
-            part = torch.empty(numel // n, device=dev)
-            run = {"all_reduce": lambda: dist.all_reduce(x),
-                   "all_gather": lambda: dist.all_gather_single(x, part),
-                   "reduce_scatter": lambda: dist.reduce_scatter_single(part, x)}[op]
-            for _ in range(3):
-                run()
-            dist.barrier()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                run()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / iters
-            algbw = size / dt / 1e9
-            bus = algbw * (2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n)
-            rows.append({"op": op, "bytes": size, "time_us": dt * 1e6, "algbw_gbps": algbw, "busbw_gbps": bus})
+        for op in distributed.BUS_FACTOR:
+            r = distributed.time_collective(op, size, dev, iters)
+            rows.append(r)
             if env.is_main:
-                print(f"{op:15} {size:12,} {dt * 1e6:10.1f} {algbw:11.3f} {bus:11.3f}", flush=True)
+                print(f"{op:15} {size:12,} {r['time_us']:10.1f} {r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f}",
+                      flush=True)
         size *= 4
     distributed.shutdown()
     return rows

@@ -35,8 +35,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from scaling.config import Config, ConfigError, load_config, save_config, to_dict
+from scaling.config import Config, ConfigError, save_config, to_dict
 from scaling.distributed import is_comm_failure
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -467,24 +468,21 @@ def _barrier():
         dist.barrier()
 
 
-def load_model(path: str | Path, device="cpu"):
-    """(model, tokenizer, config) from a checkpoint or run folder, for inference."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def train_state(model, optimizer, loader, guard, step: int, tokens: int) -> dict:
+    """Everything a checkpoint holds besides RNG states, config and tokenizer (added by save)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd, "data": loader.state_dict(),
+            "train": {"step": step, "tokens": tokens, **guard.state_dict()}}
 
-    from scaling.model import GPT
-    from scaling.tokenizer import get_tokenizer
-    from scaling.train import model_config
 
-    ckpt = resolve_checkpoint(path)
-    # The saved layout was for the training world; inference here is one process.
-    cfg = load_config(str(ckpt / "config.yaml"), ["--parallel.dp_replicate=1", "--parallel.dp_shard=1",
-                                                  "--parallel.tp=1"])
-    tok_spec = json.loads((ckpt / "tokenizer.json").read_text())
-    with torch.device("meta"):
-        model = GPT(model_config(cfg, tok_spec["vocab_size"]))
-    model.to_empty(device=device)
-    model.tie_weights()
-    sd = get_model_state_dict(model)
-    dcp.load({"model": sd}, checkpoint_id=ckpt)
-    model.eval()
-    return model, get_tokenizer(tok_spec["name"], tok_spec), cfg
+def resume_from(ckpt: "Checkpointer", path: Path, model, optimizer, loader, guard, log) -> tuple[int, int]:
+    """Load a checkpoint into the run's model, optimizer, loader and spike guard; (step, tokens)."""
+    state = train_state(model, optimizer, loader, guard, 0, 0)
+    same_rng = ckpt.load(path, state)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    loader.load_state_dict(state["data"])
+    guard.load_state_dict(state["train"])
+    step, tokens = int(state["train"]["step"]), int(state["train"]["tokens"])
+    log(f"resumed from {path} at step {step}" + ("" if same_rng else
+        " (another world size: dropout RNG streams restart from the seed)"), flush=True)
+    return step, tokens

@@ -16,11 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from scaling.model import SIZES
-
-
-class ConfigError(ValueError):
-    pass
+from scaling.errors import ConfigError, die
+from scaling.model import SIZES, GPTConfig, gpt_config
 
 
 def opt(default, doc, choices=None):
@@ -417,6 +414,10 @@ def main_with_config(argv: list[str], usage: str):
         die(str(e))
 
 
-def die(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+
+def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
+    """The recipe's model section as the model's own config; vocab_size fills model.vocab_size
+    when the recipe leaves it to the dataset."""
+    m = cfg.model
+    return gpt_config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                      vocab_size=m.vocab_size or vocab_size, dropout=m.dropout, bias=m.bias)

@@ -9,12 +9,13 @@ testable without a GPU).
 import datetime
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from scaling.config import ConfigError
+from scaling.errors import ConfigError
 
 
 @dataclass
@@ -88,6 +89,35 @@ def all_reduce_mean(x: torch.Tensor, group=None) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
         x /= dist.get_world_size(group)
     return x
+
+
+# What each link carries per byte of the message, as nccl-tests' busbw counts it on n ranks.
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+              "reduce_scatter": lambda n: (n - 1) / n}
+
+
+def time_collective(op: str, nbytes: int, device: torch.device, iters: int = 10, warmup: int = 3) -> dict:
+    """One collective on an nbytes fp32 message over the whole world, timed on every rank:
+    seconds per call, algorithm bandwidth (bytes / time) and bus bandwidth (algbw x BUS_FACTOR),
+    in GB/s. The bench's interconnect table and the preflight's bandwidth check both use it."""
+    n = dist.get_world_size()
+    x, part = torch.ones(nbytes // 4, device=device), torch.empty(nbytes // 4 // n, device=device)
+    call = {"all_reduce": lambda: dist.all_reduce(x), "all_gather": lambda: dist.all_gather_single(x, part),
+            "reduce_scatter": lambda: dist.reduce_scatter_single(part, x)}[op]
+    for _ in range(warmup):
+        call()
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / iters
+    algbw = nbytes / seconds / 1e9
+    return {"op": op, "bytes": nbytes, "time_us": seconds * 1e6, "algbw_gbps": algbw,
+            "busbw_gbps": algbw * BUS_FACTOR[op](n)}
 
 
 def is_comm_failure(e: BaseException) -> bool:

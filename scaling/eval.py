@@ -14,6 +14,7 @@ hellaswag: the multiple-choice benchmark llm.c and modded-nanogpt report. Each e
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,36 +30,31 @@ from scaling.sources import NETWORK_ERRORS
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
-def load_any(src: str, device) -> tuple[torch.nn.Module, object]:
-    """(model, tokenizer) from any weights scaling.convert reads."""
-    from scaling.convert import read_weights
-    from scaling.model import GPT
-    from scaling.tokenizer import GPT2Tokenizer, get_tokenizer
-    p = Path(src)
-    tok_file = next((f for f in (p / "tokenizer.json", *sorted(p.glob("checkpoints/step_*/tokenizer.json")))
-                     if f.is_file()), None) if p.is_dir() else None
-    sd, cfg, _ = read_weights(src)
-    model = GPT(cfg)
-    model.load_state_dict(sd)
-    model.to(device).eval()
-    if tok_file is not None:
-        spec = json.loads(tok_file.read_text())
-        return model, get_tokenizer(spec["name"], spec)
-    return model, GPT2Tokenizer()  # Hugging Face and nanoGPT GPT-2 weights
-
-
 @torch.no_grad()
+def mean_loss(model, windows, n: int, batch: int, device, loss_ctx=contextlib.nullcontext) -> float:
+    """Mean next-token loss over the first n windows of a split, batch windows at a time: the
+    same sequences every time, whatever the batch or the layout (under a parallel layout each rank
+    computes all of them), so values compare across steps and runs. Training's validation loss
+    (loss_ctx: TP's loss parallelism) and `scaling.eval loss` are this one function."""
+    from scaling.model import loss_fn
+    from scaling.parallel import local_value
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    for first in range(0, n, batch):
+        rows = np.stack([windows.window(w) for w in range(first, min(first + batch, n))])
+        xy = torch.from_numpy(rows.astype(np.int64)).to(device)
+        with loss_ctx():
+            total += local_value(loss_fn(model(xy[:, :-1]), xy[:, 1:])).float() * len(rows)
+    model.train(was_training)
+    return (total / n).item()
+
+
 def split_loss(model, data_dir: str, split: str, seq_len: int, sequences: int, batch: int, device) -> dict:
     from scaling.data import TokenWindows
     windows = TokenWindows(data_dir, split, seq_len)
     n = min(sequences, windows.num_windows)
-    total = 0.0
-    for first in range(0, n, batch):
-        rows = np.stack([windows.window(w) for w in range(first, min(first + batch, n))]).astype(np.int64)
-        xy = torch.from_numpy(rows).to(device)
-        logits = model(xy[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten(), reduction="sum").item()
-    return {"loss": total / (n * seq_len), "sequences": n, "tokens": n * seq_len}
+    return {"loss": mean_loss(model, windows, n, batch, device), "sequences": n, "tokens": n * seq_len}
 
 
 def hellaswag_examples(path: str | None) -> list[dict]:
@@ -145,6 +141,7 @@ def main(argv=None):
         if a.task == "loss" and not a.data:
             raise ValueError("loss needs --data DIR (a prepared dataset)")
         examples = hellaswag_examples(a.file) if a.task == "hellaswag" else None  # before a long model load
+        from scaling.weights import load_any
         model, tok = load_any(a.model, device)
         if a.task == "loss":
             seq_len = min(a.seq_len, model.cfg.block_size)

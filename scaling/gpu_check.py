@@ -70,11 +70,11 @@ def skipped(check, why="no CUDA device"):
 
 def part_parity(out: Path) -> list[dict]:
     """The small model for 10 steps from one initial state (written on the CPU) on CPU and CUDA."""
-    from scaling.config import load_config
-    from scaling.convert import write_weights
+    from scaling.config import load_config, model_config
     from scaling.data import load_meta
     from scaling.model import GPT
-    from scaling.train import dataset_dir, model_config
+    from scaling.prepare import dataset_dir
+    from scaling.weights import write_weights
     cfg = load_config(RECIPE, SMALL)
     vocab = load_meta(dataset_dir(cfg))["vocab_size"]
     model = GPT(model_config(cfg, vocab))

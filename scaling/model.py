@@ -219,3 +219,8 @@ def gpt_config(size: str | None = None, **overrides) -> GPTConfig:
         fields.update(zip(("n_layer", "n_head", "n_embd"), SIZES[size]))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return GPTConfig(**fields)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position of every sequence."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())

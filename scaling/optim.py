@@ -5,6 +5,7 @@ import math
 import torch
 
 from scaling.config import OptimConfig
+from scaling.parallel import local_value
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig):
@@ -32,3 +33,12 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if t >= 1:
         return cfg.min_lr
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Clip to max_norm (0: no clipping) and return the total norm, reduced over ranks once."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = local_value(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm

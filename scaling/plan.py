@@ -45,7 +45,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from scaling.config import Config, ConfigError, die, load_config
+from scaling.config import Config, ConfigError, die, load_config, model_config
 from scaling.model import GPT, gpt_config
 
 GPUS = {"a100": (312e12, 80), "h100": (989e12, 80), "h200": (989e12, 141), "a10g": (125e12, 24),
@@ -210,7 +210,6 @@ def measure(cfg: Config, gpus: int, vocab_size: int = 50257) -> list[int]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from scaling.parallel import ParallelDims, build_mesh, parallelize
-    from scaling.train import model_config
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
     counts = []

@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -84,21 +83,8 @@ def check_run_dir(run_dir: Path, token: str | None) -> str | None:
 
 def busbw(device: torch.device, sizes=(1 << 20, 16 << 20)) -> float:
     """All-reduce bus bandwidth in GB/s, the best over a few message sizes."""
-    n, best = dist.get_world_size(), 0.0
-    for size in sizes:
-        x = torch.ones(size // 4, device=device)
-        for _ in range(2):
-            dist.all_reduce(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            dist.all_reduce(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / 5
-        best = max(best, size / dt / 1e9 * 2 * (n - 1) / n)
-    return best
+    return max(distributed.time_collective("all_reduce", size, device, iters=5, warmup=2)["busbw_gbps"]
+               for size in sizes)
 
 
 def default_min_busbw(device: torch.device, hosts: int) -> float:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scaling.config import die
+from scaling.config import Config, die
 from scaling.data import DataError, TokenWriter, load_meta, read_tokens, token_dtype
 from scaling.sources import (NETWORK_ERRORS, Documents, hub_parquet, is_network_error, listed, local_documents,
                              no_network, parquet_documents)
@@ -474,6 +474,18 @@ def prepare_embedded(out_dir: str | Path, workers: int | None = None, shard_toke
              p.read_text(encoding="utf-8", errors="replace")) for p in files]
     source = f"Python {sysconfig.get_python_version()} standard library source ({len(files)} files under {root})"
     return write_dataset(out_dir, ByteTokenizer(), listed(docs, source), workers=workers, shard_tokens=shard_tokens)
+
+
+def dataset_dir(cfg: Config) -> Path:
+    """The dataset's folder; the embedded corpus is prepared here on first use."""
+    d = Path(cfg.data.root) / cfg.data.dataset
+    if not (d / "meta.json").is_file():
+        if cfg.data.dataset != "embedded":
+            raise DataError(f"dataset '{cfg.data.dataset}' is not prepared at {d}: "
+                            f"run python data/{cfg.data.dataset}/prepare.py")
+        print(f"preparing the embedded corpus in {d} ...", flush=True)
+        prepare_embedded(d)
+    return d
 
 
 DATASETS = {

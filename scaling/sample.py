@@ -12,7 +12,25 @@ import torch
 
 from scaling.config import ConfigError, die
 from scaling.distributed import pick_device
-from scaling.train import sample_text
+
+
+def check_prompt(tokenizer, prompt: str):
+    try:
+        tokenizer.encode(prompt)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"logging.sample_prompt: {prompt!r} cannot be encoded by the dataset's tokenizer "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def sample_text(model, tokenizer, prompt: str, n: int, temperature=0.8, top_k=200, seed=0,
+                device="cpu") -> str:
+    ids = tokenizer.encode(prompt) or [tokenizer.eot or 0]
+    idx = torch.tensor([ids], device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    out = model.generate(idx, n, temperature=temperature, top_k=top_k, generator=g, vocab_size=tokenizer.vocab_size)
+    model.train()
+    return tokenizer.decode(out[0].tolist())
 
 
 def check_args(a):
@@ -45,7 +63,7 @@ def main(argv=None):
                          "sample did (bf16 weights and activations, fp32 logits)")
     a = ap.parse_args(argv)
     check_args(a)
-    from scaling.checkpoint import load_model
+    from scaling.weights import load_model
     try:
         device = pick_device(a.device)
         model, tok, cfg = load_model(a.path, device=device)

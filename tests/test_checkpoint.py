@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, read_metrics, run_module, tiny_args
-from scaling.checkpoint import checkpoints, load_model, step_of
+from scaling.checkpoint import checkpoints, step_of
+from scaling.weights import load_model
 from scaling.distributed import EXIT_PREEMPTED
 
 FAST = ["--train.eval_every=0", "--parallel.timeout_s=60", "--train.global_batch_size=8",
@@ -229,7 +230,8 @@ def test_explicit_resume_from_a_missing_checkpoint_is_a_one_line_error(data_root
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "checkpoint.resume" in p.stderr, p.stderr
 
 
-RESHARD = [("fsdp2", "single"), ("fsdp2", "tp2"), pytest.param("ddp2", "fsdp2", marks=pytest.mark.slow),
+RESHARD = [("fsdp2", "single"), pytest.param("fsdp2", "tp2", marks=pytest.mark.slow),
+           pytest.param("ddp2", "fsdp2", marks=pytest.mark.slow),
            pytest.param("fsdp2", "fsdp4", marks=pytest.mark.slow)]
 
 

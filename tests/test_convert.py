@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from conftest import run_module, tiny_args
-from scaling.checkpoint import load_model
-from scaling.convert import ours_to_nanogpt, read_weights
+from scaling.weights import load_model, ours_to_nanogpt, read_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,7 +120,7 @@ def test_init_from_an_empty_file_exits_2_with_one_line_naming_it(data_root, tmp_
 
 
 def test_export_to_huggingface_refuses_a_model_without_biases(tmp_path):
-    from scaling.convert import write_weights
+    from scaling.weights import write_weights
     from scaling.model import GPT, GPTConfig
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10, bias=False)
     with pytest.raises(ValueError, match="--to hf: Hugging Face GPT-2 always has biases"):
@@ -130,7 +129,7 @@ def test_export_to_huggingface_refuses_a_model_without_biases(tmp_path):
 
 
 def test_a_failed_export_leaves_the_file_already_at_dst(trained, tmp_path, monkeypatch):
-    from scaling.convert import write_weights
+    from scaling.weights import write_weights
     run_module("scaling.convert", trained, tmp_path / "ours.pt", check=True)
     before = (tmp_path / "ours.pt").read_bytes()
     sd, cfg, _ = read_weights(tmp_path / "ours.pt")
@@ -171,10 +170,10 @@ def test_sample_of_what_is_not_a_run_or_checkpoint_folder_exits_2_with_one_line_
 
 
 def test_sample_prompt_outside_the_char_alphabet_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
-    import scaling.checkpoint
+    import scaling.weights
     from scaling.sample import main
     from scaling.tokenizer import CharTokenizer
-    monkeypatch.setattr(scaling.checkpoint, "load_model", lambda path, device: (None, CharTokenizer("abc"), None))
+    monkeypatch.setattr(scaling.weights, "load_model", lambda path, device: (None, CharTokenizer("abc"), None))
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path), "--prompt", "cab!"])
     assert e.value.code == 2
@@ -199,7 +198,7 @@ def test_export_of_a_padded_vocabulary_gives_huggingface_the_real_rows_with_iden
 
 
 def test_import_into_a_padded_vocabulary_keeps_the_real_logits_and_gives_padding_little_mass():
-    from scaling.convert import pad_vocab
+    from scaling.weights import pad_vocab
     from scaling.model import GPT, gpt_config
     torch.manual_seed(0)
     small = GPT(gpt_config("tiny", vocab_size=257, block_size=16)).eval()

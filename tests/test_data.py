@@ -124,7 +124,7 @@ def test_loader_refuses_a_token_id_beyond_the_vocabulary_naming_file_and_split(t
 
 
 def test_reading_a_window_refuses_a_token_id_beyond_the_vocabulary(tmp_path):
-    # Evaluation (train.evaluate, eval.split_loss) reads windows one by one, not through the loader.
+    # Evaluation (eval.mean_loss, for training and `scaling.eval loss`) reads windows one by one, not through the loader.
     windows = TokenWindows(with_id_beyond_the_vocabulary(make_dataset(tmp_path / "d")), "train", seq_len=100)
     windows.window(28)  # the last window of the first file is fine
     with pytest.raises(DataError, match=r"train_000001\.bin: token id 300"):

@@ -19,7 +19,10 @@ from torch.distributed.tensor.parallel import loss_parallel
 from scaling.config import load_config
 from scaling.parallel import ParallelDims, build_mesh
 from scaling.model import GPT
-from scaling.train import build_model, loss_fn, model_config, seed_dropout
+from scaling.config import model_config
+from scaling.model import loss_fn
+from scaling.parallel import seed_dropout
+from scaling.train import build_model
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

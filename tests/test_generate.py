@@ -17,7 +17,8 @@ import torch, torch.distributed as dist
 from scaling.config import load_config
 from scaling.parallel import ParallelDims, build_mesh
 from scaling.model import GPT
-from scaling.train import build_model, model_config
+from scaling.config import model_config
+from scaling.train import build_model
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from scaling.convert import hf_to_ours, ours_to_hf
+from scaling.weights import hf_to_ours, ours_to_hf
 from scaling.model import GPT, SIZES, gpt_config
 
 GPT2_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_metrics, run_module, run_torchrun, tiny_args, train_losses
-from scaling.checkpoint import load_model
+from scaling.weights import load_model
 
 COMMON = ["--train.global_batch_size=8", "--train.max_steps=10", "--logging.every=1",
           "--train.eval_every=10", "--parallel.timeout_s=60", "--optim.warmup_steps=3"]

@@ -163,8 +163,9 @@ atexit.register(lambda: open(os.path.join(os.environ["COUNT_DIR"], os.environ["R
 """
 
 
-@pytest.mark.parametrize("layout, nproc", [({"dp_shard": 2}, 2), ({"dp_replicate": 2, "dp_shard": 2}, 4)],
-                         ids=["fsdp2", "hsdp2x2"])
+@pytest.mark.parametrize("layout, nproc", [({"dp_shard": 2}, 2),
+                                           pytest.param({"dp_replicate": 2, "dp_shard": 2}, 4, marks=pytest.mark.slow)],
+                         ids=["fsdp2", "hsdp2x2"])  # 4 processes on 2 cores: 20 s, in the slow tier
 def test_planned_traffic_per_step_is_what_fsdp_sends(layout, nproc, data_root, tmp_path):
     from conftest import TINY, run_torchrun
     from scaling.plan import shape_of, traffic

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, read_metrics, run_module, tiny_args
-from scaling.checkpoint import MANIFEST, checkpoints, load_model, newest_complete
+from scaling.checkpoint import MANIFEST, checkpoints, newest_complete
+from scaling.weights import load_model
 from scaling.config import load_config
-from scaling.train import SpikeGuard, train
+from scaling.guards import SpikeGuard
+from scaling.train import train
 from test_checkpoint import command, kill_all, losses_by_step, start, worker_pid
 
 FAST = ["--train.eval_every=0", "--logging.every=1"]

@@ -129,7 +129,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, 
     after = {f: f.stat().st_mtime_ns for f in (tmp_path / "checkpoints").rglob("*")}
     # The newest good checkpoint is untouched, and no checkpoint holds a non-finite weight.
     assert all(before[f] == after.get(f) for f in before if f.parent.name == "step_8")
-    from scaling.checkpoint import checkpoints, load_model
+    from scaling.checkpoint import checkpoints
+    from scaling.weights import load_model
     for ck in checkpoints(tmp_path):
         model, _, _ = load_model(ck)
         assert all(torch.isfinite(p).all() for p in model.parameters()), ck
@@ -139,7 +140,7 @@ NAN_AT_5 = {"SCALING_INJECT_NONFINITE_STEP": "5"}  # one bad batch: step 5's los
 
 
 def model_weights(checkpoint_dir):
-    from scaling.checkpoint import load_model
+    from scaling.weights import load_model
     return load_model(checkpoint_dir)[0].state_dict()
 
 

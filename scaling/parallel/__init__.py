@@ -8,13 +8,17 @@ mixed-precision policy is the one bf16 mechanism everywhere, on CPUs and GPUs al
 """
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from scaling.model import param_seed
 
 from scaling.parallel.ac import apply_ac
 from scaling.parallel.dims import ParallelDims, build_mesh, check_model, dp_rank, resolve_dims
 from scaling.parallel.fsdp import apply_fsdp
 from scaling.parallel.tp import apply_tp
 
-__all__ = ["ParallelDims", "build_mesh", "check_model", "dp_rank", "parallelize", "resolve_dims"]
+__all__ = ["ParallelDims", "build_mesh", "check_model", "dp_rank", "local_value", "parallelize", "resolve_dims",
+           "seed_dropout"]
 
 
 def parallelize(model, dims: ParallelDims, mesh, pcfg, device: torch.device, dtype: str):
@@ -30,3 +34,23 @@ def parallelize(model, dims: ParallelDims, mesh, pcfg, device: torch.device, dty
     apply_fsdp(model, dp_mesh, torch.bfloat16 if dtype == "bf16" else None, pcfg.reshard_after_forward,
                force_sum_reduction=device.type == "cpu")
     return model
+
+
+def local_value(x: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (loss, grad norm under TP/FSDP) as a plain tensor."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def seed_dropout(seed: int, dims: ParallelDims, mesh, dp_mesh, sequence_parallel: bool):
+    """Seed the process's RNG, which draws the dropout masks, so that ranks holding the same
+    activations draw the same masks and ranks holding different ones draw different masks.
+
+    Data-parallel ranks hold different sequences: different seeds. Tensor-parallel ranks of one
+    data-parallel rank hold the same residual stream unless sequence parallelism splits it by
+    position, so without it they share a seed (else "replicated" LayerNorm weights would get
+    different gradients and drift apart); with it every rank differs. Attention dropout acts on
+    each rank's own heads; without sequence parallelism the TP ranks' heads then see the same
+    mask pattern (head h and head h + n_head/tp), a correlation between heads, not a bias.
+    """
+    tp_rank = mesh["tp"].get_local_rank() if dims.tp > 1 and sequence_parallel else 0
+    torch.manual_seed(param_seed(seed, f"dropout:dp{dp_rank(dp_mesh)}:tp{tp_rank}"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from scaling.config import ConfigError
+from scaling.errors import ConfigError
 
 NAMES = ("dp_replicate", "dp_shard", "tp")
 
