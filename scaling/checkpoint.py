@@ -53,6 +53,16 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class NoCheckpointLeft(CheckpointError):
+    """A run folder holds checkpoints and none of them is whole: the run stops rather than start
+    over from step 0 (under a scheduler's requeue that would throw its progress away unasked)."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"checkpoint: none of the checkpoints in {Path(run_dir) / 'checkpoints'} is whole (the lines "
+                         "above say why); nothing was loaded or deleted. To start over, move them away "
+                         "or use another logging.run_dir")
+
+
 # DCP reports a failed write as a CheckpointException, which is a BaseException.
 SAVE_ERRORS = (Exception, CheckpointException)
 
@@ -180,7 +190,10 @@ def resolve_resume(cfg: Config, report=print) -> Path | None:
     if r == "none":
         return None
     if r == "auto":
-        return newest_complete(cfg.logging.run_dir, report, verify=False)
+        found = newest_complete(cfg.logging.run_dir, report, verify=False)
+        if found is None and checkpoints(cfg.logging.run_dir):
+            raise NoCheckpointLeft(cfg.logging.run_dir)
+        return found
     path = Path(r)
     if not (path / ".metadata").exists() and (path / "checkpoints").is_dir():
         found = newest_complete(path, report, verify=False)  # a run folder: its newest checkpoint
@@ -204,8 +217,8 @@ class Verification:
         self.future = self.pool.submit(problem, path, True) if path and enabled else None
 
     def confirm(self, check, report=print) -> Path | None:
-        """The verified checkpoint to load, or None (start from scratch). check(path) raises if
-        a fallback does not fit the current run."""
+        """The verified checkpoint to load. check(path) raises if a fallback does not fit the
+        current run; NoCheckpointLeft if none verifies."""
         path, future = self.path, self.future
         while path and future:
             why = future.result()
@@ -218,7 +231,7 @@ class Verification:
                 check(path)
         self.pool.shutdown()
         if path is None and self.path is not None:
-            report("checkpoint: no verified checkpoint left: starting from step 0")
+            raise NoCheckpointLeft(self.path.parent.parent)
         return path
 
 
@@ -239,7 +252,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # What a resumed run may not change: the shapes and meaning of the saved tensors. Anything else
 # (learning rate, steps, dataset, layout, world size, ...) is reported, not refused.
 FIXED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size", "model.bias",
-         "train.seq_len", "tokenizer")
+         "train.seq_len")
 NOT_REPORTED = ("name", "logging.run_dir", "checkpoint.resume", "model.init_from", "model.size")
 
 
@@ -250,15 +263,44 @@ def _flat(d: dict, prefix="") -> dict:
     return out
 
 
-def compare_configs(path: Path, cfg: Config, tokenizer: str) -> tuple[list[str], list[str]]:
+def _spans(ids: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out = []
+    for i in ids:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def tokenizer_change(saved: dict, now: dict) -> str | None:
+    """What makes the same token ids mean other text, or None. A character tokenizer is its
+    alphabet: re-preparing from another text can keep the name and the size and still move ids."""
+    if saved.get("name") != now.get("name"):
+        return f"tokenizer: {saved.get('name')!r} -> {now.get('name')!r}"
+    old, new = saved.get("chars"), now.get("chars")
+    if old != new:
+        if old is None or new is None:
+            return "tokenizer: the character alphabet is recorded on one side only"
+        moved = [i for i in range(max(len(old), len(new))) if old[i:i + 1] != new[i:i + 1]]
+        which = f"ids {_spans(moved)} now stand" if len(moved) > 1 else f"id {moved[0]} now stands"
+        return f"tokenizer: the character alphabet changed ({which} for other characters)"
+    for key in ("vocab_size", "eot"):
+        if saved.get(key) != now.get(key):
+            return f"tokenizer: {key} {saved.get(key)!r} -> {now.get(key)!r}"
+    return None
+
+
+def compare_configs(path: Path, cfg: Config, tokenizer: dict) -> tuple[list[str], list[str]]:
     """(refused, changed): one line per key that differs between checkpoint `path` and the
-    current config; refused lines name keys in FIXED."""
+    current config (and tokenizer spec: name, vocab_size, eot, a character alphabet); refused
+    lines name keys in FIXED or a changed tokenizer."""
     saved = _flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
     tok = json.loads((path / "tokenizer.json").read_text())
     if saved.get("model.vocab_size") is None:  # left to the dataset when it was saved
         saved["model.vocab_size"] = tok["vocab_size"]
-    saved["tokenizer"] = tok["name"]
-    now = {**_flat(to_dict(cfg)), "tokenizer": tokenizer}
+    now = _flat(to_dict(cfg))
     refused, changed = [], []
     for key in sorted(saved.keys() | now.keys()):
         old, new = saved.get(key), now.get(key)
@@ -266,6 +308,8 @@ def compare_configs(path: Path, cfg: Config, tokenizer: str) -> tuple[list[str],
             continue
         line = f"{key}: {old!r} -> {new!r}"
         (refused if key in FIXED else changed).append(line)
+    if why := tokenizer_change(tok, tokenizer):
+        refused.append(why)
     return refused, changed
 
 

@@ -54,7 +54,7 @@ def claim(run_dir: Path):
     _held[key] = f
 
 
-def check_fits(path: Path, cfg: Config, tokenizer: str, report=print):
+def check_fits(path: Path, cfg: Config, tokenizer: dict, report=print):
     """Refuse a checkpoint of another model shape; report every other change, one line each."""
     refused, changed = checkpoint.compare_configs(path, cfg, tokenizer)
     if refused:
@@ -64,7 +64,7 @@ def check_fits(path: Path, cfg: Config, tokenizer: str, report=print):
         report(f"resume: {line}")
 
 
-def open_run(cfg: Config, tokenizer: str, report=print) -> tuple[Path | None, str | None]:
+def open_run(cfg: Config, tokenizer: dict, report=print) -> tuple[Path | None, str | None]:
     """(checkpoint to resume from or None, the run id it carries or None for a new run)."""
     run_dir = Path(cfg.logging.run_dir)
     if run_dir.exists() and not run_dir.is_dir():

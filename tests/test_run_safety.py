@@ -256,24 +256,63 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(data_root, mount):
 
 # --- bad input caught before training ----------------------------------------------------------
 
-def test_a_sample_prompt_the_tokenizer_cannot_encode_is_refused_before_training(tmp_path):
+def char_dataset(out: Path, text: str):
+    """A character-level dataset of text (its alphabet: the characters it uses, sorted)."""
     from scaling.prepare import SplitWriter, write_meta
     from scaling.tokenizer import CharTokenizer
-    text = "abcde fghij\n" * 200
     tok = CharTokenizer("".join(sorted(set(text))))
-    out = tmp_path / "data" / "chars"
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split in ("train", "val"):
         w = SplitWriter(out, split, tok.vocab_size)
         w.write(tok.encode(text))
         splits[split] = w.close()
     write_meta(out, tok, splits, source="test", chars=tok.chars)
+
+
+def test_a_sample_prompt_the_tokenizer_cannot_encode_is_refused_before_training(tmp_path):
+    char_dataset(tmp_path / "data" / "chars", "abcde fghij\n" * 200)
     p = run_module("scaling.train", TINY, f"--data.root={tmp_path / 'data'}", "--data.dataset=chars",
                    f"--logging.run_dir={tmp_path / 'run'}", "--logging.sample_tokens=5",
                    "--logging.sample_prompt=XYZ")
     assert "logging.sample_prompt" in one_line_error(p)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_refuses_a_character_alphabet_that_moved_ids_even_at_the_same_size(data_root, tmp_path):
+    """Re-preparing a char dataset in place from a text with one character replaced keeps the
+    name and the vocabulary size, yet ids now mean other characters: the resume is refused."""
+    data = tmp_path / "data" / "chars"
+    char_dataset(data, "abcde fghij\n" * 200)
+    train_here(tmp_path / "data", tmp_path / "run", "--data.dataset=chars", "--train.max_steps=2")
+    for f in data.iterdir():
+        f.unlink()
+    char_dataset(data, "abcde fghiz\n" * 200)  # j -> z: still 12 symbols, z sorts last
+    before = snapshot(tmp_path / "run" / "checkpoints")
+    p = train_cli(tmp_path / "data", tmp_path / "run", "--data.dataset=chars", "--train.max_steps=4")
+    line = one_line_error(p)
+    assert "the character alphabet changed (id 11 now stands for other characters)" in line, line
+    assert snapshot(tmp_path / "run" / "checkpoints") == before
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_over(run_copy, data_root):
+    for step in ("step_2", "step_4"):
+        flip_byte(next((run_copy / "checkpoints" / step).glob("*.distcp")))
+    before, metrics = snapshot(run_copy / "checkpoints"), (run_copy / "metrics.jsonl").read_bytes()
+    p = train_cli(data_root, run_copy, "--train.max_steps=6")
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: checkpoint: none of the checkpoints in"), p.stderr
+    assert "Traceback" not in p.stderr and "skipping" in p.stdout
+    assert snapshot(run_copy / "checkpoints") == before and (run_copy / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_run_whose_every_checkpoint_is_truncated_stops_before_verifying(run_copy, data_root):
+    for step in ("step_2", "step_4"):
+        shard = next((run_copy / "checkpoints" / step).glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+    p = train_cli(data_root, run_copy, "--train.max_steps=6")
+    assert p.returncode == 1 and "none of the checkpoints in" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert "step_0" not in p.stdout and not (run_copy / "checkpoints" / "step_6").exists()
 
 
 # --- loss-spike guard --------------------------------------------------------------------------
