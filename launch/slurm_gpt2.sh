@@ -93,8 +93,9 @@ fi
 
 # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: without it every
 # node's workers would share one core.
+# scaling.launch is torchrun ending in 75 when all its workers saved and stopped (see launch.py).
 srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" --output="$LOG_DIR/%x-%j-node%t.out" \
-  "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
+  "$PYTHON" -m scaling.launch --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
     --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$PORT" --rdzv_id="$SLURM_JOB_ID" \
     -m scaling.train "$RECIPE" "${DEVICE_ARGS[@]}" "$@" &
 SRUN=$!
@@ -105,9 +106,14 @@ while true; do  # a trapped signal interrupts `wait`; keep waiting for srun itse
   kill -0 "$SRUN" 2> /dev/null || break
 done
 
-if [ "$stop_requested" = 1 ] && [ "$status" != 0 ]; then  # stopped early, not finished
+# Stopped early, not finished: after our own stop request, or when the training processes
+# themselves saved and stopped (a SIGTERM that reached them directly).
+if { [ "$stop_requested" = 1 ] && [ "$status" != 0 ]; } || [ "$status" = 75 ]; then
   echo "$(date +%T) stopped after saving (srun exit $status); requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    exit 0  # the job goes on: pending again, it resumes from the checkpoint just saved
+  fi
+  echo "$(date +%T) cannot requeue (sbatch --no-requeue?): run the same sbatch command to resume"
+  exit 75
 fi
 exit "$status"

@@ -32,5 +32,7 @@ else
   RDZV=(--node_rank="${NODE_RANK:?set NODE_RANK}" --master_addr="${MASTER_ADDR:?set MASTER_ADDR}"
         --master_port="${MASTER_PORT:-29500}")
 fi
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" "${RDZV[@]}" \
+# scaling.launch is torchrun with an exit code a caller can act on: 75 when every worker saved its
+# step and stopped (a preemption: run the same command again), 2 for bad input, 1 for a failure.
+exec "$PYTHON" -m scaling.launch --nnodes="$NNODES" --nproc_per_node="$NPROC" "${RDZV[@]}" \
   -m "${SCALING_MODULE:-scaling.train}" "$@"

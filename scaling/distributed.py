@@ -6,11 +6,14 @@ gloo on CPUs (every collective the parallel layouts need runs on gloo, so all of
 testable without a GPU).
 """
 
+import contextlib
+import ctypes
 import datetime
 import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -127,6 +130,24 @@ def is_comm_failure(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Timed out", "Connection closed")))
 
 
+def kill_stopped_siblings():
+    """SIGKILL this node's other torchrun workers that are stopped (SIGSTOP, a debugger, a frozen
+    job-control group). Called when a collective failed: a stopped worker cannot time out,
+    save, report or even take torchrun's SIGTERM, so torchrun would wait its whole shutdown grace
+    (30 s, more under the Slurm launcher) on it before ending the job."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    me, parent = os.getpid(), os.getppid()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]  # the name may hold spaces
+            pid = int(stat.parent.name)
+            if int(ppid) == parent and pid != me and state in ("T", "t"):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):  # gone meanwhile, or not ours to signal
+            continue
+
+
 class FollowerExit(Exception):
     """Rank 0 failed a decision that every rank waited for, and reported it: this rank exits
     quietly with the same code, so the user reads the reason once."""
@@ -158,19 +179,57 @@ def on_rank0(fn):
 # Exit code of a run stopped by SIGTERM / SIGUSR1 after saving: "try again later" (sysexits.h
 # EX_TEMPFAIL). The Slurm launcher requeues a job that ends with it.
 EXIT_PREEMPTED = 75
+EXIT_DIR = "SCALING_EXIT_DIR"  # where scaling.launch collects the workers' marks of a clean stop
+
+
+def mark_preempted():
+    """Tell scaling.launch (if it started this worker) that this rank saved and stops cleanly."""
+    if folder := os.environ.get(EXIT_DIR):
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"rank{rank()}").write_text(str(EXIT_PREEMPTED))
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal the kernel sends this process when its parent dies
+
+
+def _signal_on_parent_death(sig: int) -> bool:
+    """Ask Linux for `sig` when the process that started this one dies; False where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
 
 
 class StopSignal:
     """Remembers SIGTERM / SIGUSR1 (what Slurm sends before a time limit or a preemption) so the
-    loop can stop at a step boundary instead of dying mid-step."""
+    loop can stop at a step boundary instead of dying mid-step. restore() puts back the handlers
+    it replaced: a run inside a notebook or a test leaves no handler behind (a Python handler is
+    inherited by forked children, where it can keep SIGTERM from ending them).
+
+    Under torchrun a worker also asks for SIGTERM when torchrun dies: torchrun starts each worker
+    in a session of its own, so a launcher killed with SIGKILL (the OOM killer, `kill -9`) would
+    otherwise leave its workers training as orphans, holding the GPUs and the run folder. With
+    the signal they save at the next step boundary and exit, as on a preemption."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received = None
-        for s in signals:
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+        self.parent = None
+        if "TORCHELASTIC_RUN_ID" in os.environ and _signal_on_parent_death(signal.SIGTERM):
+            self.parent = os.getppid()
+            if self.parent == 1:  # torchrun died before the request was made: no signal will come
+                self.received = "SIGTERM"
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+        if self.parent is not None:
+            _signal_on_parent_death(0)
 
     def agreed(self, step: int, every: int = 10) -> bool:
         """True on every rank once any rank got a signal: all stop at the same step. Ranks compare

@@ -136,6 +136,10 @@ def _position(loader_state: dict) -> int:
     return main["_sampler_iter_state"]["position"]
 
 
+class WorkerFailed(RuntimeError):
+    """A loader worker process died: a failure of the run, not bad input."""
+
+
 def _quiet_worker(worker_id: int):
     """A worker ignores the signals meant for training (a scheduler's SIGTERM to every process,
     Ctrl-C to the process group): killed, it would raise an error in the training process in the
@@ -200,12 +204,26 @@ class DataLoader:
     def _fetch(self):
         """The next step's rows with their copy to the device issued on the side stream, and the
         global position after that step as torchdata recorded it."""
-        rows = next(self._it)
+        try:
+            rows = next(self._it)
+        except (EOFError, ConnectionError, RuntimeError) as e:
+            raise self._worker_failure(e) from e
         if isinstance(rows, Exception):
             raise rows
         position = _position(self._it.state_dict())
         with self.streams.stream(self.copy_stream):
             return rows.to(self.device, non_blocking=True), position
+
+    def _worker_failure(self, e: Exception) -> Exception:
+        """A worker that died (out of memory, killed) surfaces as whatever the transfer of its
+        last batch hit: torch's RuntimeError, an EOFError or a reset connection. Name it."""
+        dead = [w for w in getattr(self._it, "_workers", []) if not w.is_alive()]
+        if not dead and not (self.workers and isinstance(e, (EOFError, ConnectionError))) \
+                and "DataLoader worker" not in str(e):
+            return e  # not a worker's death
+        how = ", ".join(f"pid {w.pid}, " + (f"killed by {signal.Signals(-w.exitcode).name}" if (w.exitcode or 0) < 0
+                        else f"exit code {w.exitcode}") for w in dead) or str(e).splitlines()[0][:200]
+        return WorkerFailed(f"the data loader's worker process died ({how}; out of memory?)")
 
     def next_step(self):
         """The micro batches (x, y) of this rank for the next optimizer step."""

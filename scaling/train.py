@@ -21,12 +21,12 @@ import torch
 from torch.distributed.tensor.parallel import loss_parallel
 
 from scaling import checkpoint, distributed
-from scaling.checkpoint import CheckpointError, resume_from, train_state
+from scaling.checkpoint import CheckpointError, NoCheckpointLeft, resume_from, train_state
 from scaling.config import Config, ConfigError, die, main_with_config, model_config, to_dict
 from scaling.data import DataError, TokenWindows, load_meta
 from scaling.eval import mean_loss
 from scaling.guards import NonFinite, NonFiniteSteps, SpikeGuard
-from scaling.loader import DataLoader
+from scaling.loader import DataLoader, WorkerFailed
 from scaling.metrics import Metrics, Profiler, StepTimer, memory, peak_flops
 from scaling.model import GPT, loss_fn
 from scaling.optim import build_optimizer, clip_gradients, lr_at
@@ -140,7 +140,7 @@ def build(cfg: Config) -> Run:
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
     data_dir, meta, tokenizer_spec, tok = open_dataset(cfg, env)
     # Rank 0 verifies checkpoints, checks the run folder and claims it; every rank follows.
-    resume, run_id = distributed.on_rank0(lambda: open_run(cfg, tokenizer_spec["name"], report=log))
+    resume, run_id = distributed.on_rank0(lambda: open_run(cfg, tokenizer_spec, report=log))
     # Rank 0 reads the whole checkpoint to verify it while every rank builds the model.
     verification = checkpoint.Verification(resume if env.is_main else None, cfg.checkpoint.verify)
     mesh, dp_mesh = build_mesh(dims, device.type)
@@ -153,7 +153,7 @@ def build(cfg: Config) -> Run:
     ckpt = checkpoint.Checkpointer(cfg, tokenizer_spec, run_id or checkpoint.new_run_id())
     if resume:
         resume = distributed.on_rank0(lambda: verification.confirm(
-            lambda p: check_fits(p, cfg, tokenizer_spec["name"], log), report=log))
+            lambda p: check_fits(p, cfg, tokenizer_spec, log), report=log))
     step, tokens = resume_from(ckpt, resume, model, optimizer, loader, guard, log) if resume else (0, 0)
     if not resume and cfg.model.init_from:
         load_pretrained(model, cfg, log)
@@ -283,27 +283,30 @@ def finish(run: Run) -> dict:
 def train(cfg: Config) -> dict:
     """Run the recipe; returns the last logged metrics record (on every rank)."""
     t, run = cfg.train, build(cfg)
-    profiler = Profiler(cfg.logging.profile_steps, Path(cfg.logging.run_dir), run.env.rank)
-    if run.val_windows and run.step == 0:  # the starting point, for comparison
-        validate(run)
-    run.window_start = time.perf_counter()
-    for step in range(run.step, t.max_steps):
-        profiler.step(step)
-        grad_norm, lr = train_step(run, step)
-        run.step, run.tokens = step + 1, run.tokens + t.global_batch_size * t.seq_len
-        run.window_steps += 1
-        last_step = run.step == t.max_steps
-        if run.step % cfg.logging.every == 0 or last_step:
-            log_window(run, lr, grad_norm)
-        if run.val_windows and (run.step % t.eval_every == 0 or last_step):
+    try:
+        profiler = Profiler(cfg.logging.profile_steps, Path(cfg.logging.run_dir), run.env.rank)
+        if run.val_windows and run.step == 0:  # the starting point, for comparison
             validate(run)
-        stopping = run.stop.agreed(run.step)
-        every = cfg.checkpoint.every
-        save(run, due=(every and run.step % every == 0) or last_step or stopping)
-        if stopping:
-            preempted(run)
-    profiler.close()
-    return finish(run)
+        run.window_start = time.perf_counter()
+        for step in range(run.step, t.max_steps):
+            profiler.step(step)
+            grad_norm, lr = train_step(run, step)
+            run.step, run.tokens = step + 1, run.tokens + t.global_batch_size * t.seq_len
+            run.window_steps += 1
+            last_step = run.step == t.max_steps
+            if run.step % cfg.logging.every == 0 or last_step:
+                log_window(run, lr, grad_norm)
+            if run.val_windows and (run.step % t.eval_every == 0 or last_step):
+                validate(run)
+            stopping = run.stop.agreed(run.step)
+            every = cfg.checkpoint.every
+            save(run, due=(every and run.step % every == 0) or last_step or stopping)
+            if stopping:
+                preempted(run)
+        profiler.close()
+        return finish(run)
+    finally:
+        run.stop.restore()  # in-process callers (notebooks, tests) get their signal handlers back
 
 
 def main(argv=None):
@@ -312,15 +315,16 @@ def main(argv=None):
         train(cfg)
     except distributed.FollowerExit as e:  # rank 0 printed why
         sys.exit(e.code)
+    except NoCheckpointLeft as e:  # a failure of the run's storage, not of the command
+        die(str(e), code=1)
     except (DataError, ConfigError, CheckpointError, ConnectionError) as e:  # ConnectionError: no BPE files
         die(str(e))
     except OSError as e:  # the run folder became unwritable or full while training
         die(f"{e.filename or cfg.logging.run_dir}: {(e.strerror or str(e)).lower()}; the checkpoints saved "
             "before are intact")
+    except WorkerFailed as e:
+        die(f"rank {distributed.rank()}: {e}; the newest complete checkpoint is intact", code=1)
     except RuntimeError as e:
-        if "DataLoader worker" in str(e):  # killed (out of memory?) or failed: torch says which pid
-            die(f"rank {distributed.rank()}: the data loader's worker process failed ({str(e).splitlines()[0][:200]}); "
-                "the newest complete checkpoint is intact", code=1)
         if not distributed.is_comm_failure(e):
             raise
         # Another rank died or hangs (a collective failed or timed out). Exit now: waiting for
@@ -328,8 +332,10 @@ def main(argv=None):
         print(f"error: rank {distributed.rank()}: a collective failed ({str(e).splitlines()[0][:200]}): another "
               "rank died or hung past parallel.timeout_s; the newest complete checkpoint is intact",
               file=sys.stderr, flush=True)
+        distributed.kill_stopped_siblings()
         os._exit(1)
     except Preempted:
+        distributed.mark_preempted()  # before the process group goes: torchrun's SIGTERM may end us then
         sys.exit(distributed.EXIT_PREEMPTED)
     except NonFinite as e:
         die(str(e), code=3)

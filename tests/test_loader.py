@@ -171,24 +171,23 @@ def test_sigterm_to_every_process_of_a_run_saves_and_exits_for_a_requeue(data_ro
     assert step_of(checkpoints(tmp_path)[-1]) >= 3
 
 
-def test_a_killed_loader_worker_stops_the_run_with_one_line(data_root, tmp_path):
+@pytest.mark.parametrize("attempt", range(3))  # where the kill lands varies: a torch error, EOF, a reset
+def test_a_killed_loader_worker_stops_the_run_with_one_line_and_exit_1(attempt, data_root, tmp_path):
     p = start_training(data_root, tmp_path)
     wait_for_steps(p, tmp_path, 3)
     os.kill(children(p.pid)[0], signal.SIGKILL)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 1 and "Traceback" not in out, out
-    assert out.strip().splitlines()[-1].startswith("error: rank 0: the data loader's worker process failed"), out
+    assert out.strip().splitlines()[-1].startswith("error: rank 0: the data loader's worker process died (pid "), out
+    assert "killed by SIGKILL" in out, out
 
 
 SLOW_READ_MS = 2
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_data_ms_is_the_time_the_step_waits_for_its_batches(workers, data_root, tmp_path, monkeypatch):
-    """Each window takes 2 ms to read (a slow filesystem), 8 ms per step. Read when the step
-    needs them, the step waits all of that; read ahead by a worker while the previous steps
-    compute (~15 ms each), it waits for almost none of it."""
-    from scaling.data import TokenWindows
+def test_data_ms_holds_the_reads_of_a_step_read_in_the_training_process(data_root, tmp_path, monkeypatch):
+    """Without workers the step reads its own windows, 2 ms each (a slow filesystem): data_ms
+    holds at least that much. A lower bound: a busy machine only adds to it."""
     from scaling.train import train
     rows = TokenWindows.rows
 
@@ -196,16 +195,41 @@ def test_data_ms_is_the_time_the_step_waits_for_its_batches(workers, data_root, 
         time.sleep(SLOW_READ_MS * len(ws) / 1e3)
         return rows(self, ws)
     monkeypatch.setattr(TokenWindows, "rows", slow_rows)
-    cfg = load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={tmp_path}", f"--data.workers={workers}",
-                             "--train.max_steps=24", "--logging.every=8", "--train.eval_every=0",
+    cfg = load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={tmp_path}", "--data.workers=0",
+                             "--train.max_steps=8", "--logging.every=4", "--train.eval_every=0",
                              "--logging.sample_tokens=0"])
     train(cfg)
-    last = [r for r in read_metrics(tmp_path) if "loss" in r][-1]  # steps 17-24: the pipeline is full
-    read_ms = SLOW_READ_MS * cfg.train.micro_batch_size
-    if workers == 0:
-        assert last["data_ms"] >= read_ms, last
-    else:
-        assert last["data_ms"] < read_ms / 4 < last["compute_ms"], last
+    last = [r for r in read_metrics(tmp_path) if "loss" in r][-1]
+    assert last["data_ms"] >= SLOW_READ_MS * cfg.train.micro_batch_size, last
+
+
+class LoggedWindows(TokenWindows):
+    """Windows that note, in a file, which process read which step (by its first window)."""
+    log: str
+
+    def rows(self, ws):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {int(ws[0])}\n")
+        return super().rows(ws)
+
+
+def test_a_worker_reads_the_next_steps_while_training_holds_the_current_one(tmp_path):
+    """The behaviour data_ms rests on: once a step is handed to training, the worker process has
+    already read it and goes on to read the following prefetch_steps steps without being asked."""
+    windows = numbered_dataset(tmp_path / "d")
+    windows.__class__, windows.log = LoggedWindows, str(tmp_path / "reads")
+    ld = DataLoader(windows, 2, 8, seed=5, shuffle=False, workers=1, prefetch_steps=2)
+    try:
+        first = [int(x[0, 0]) for x, _ in ld.next_step()][0]
+        deadline = time.time() + 60  # a bound for a stalled worker, not a speed requirement
+        while len(Path(windows.log).read_text().splitlines()) < 3:
+            assert time.time() < deadline, Path(windows.log).read_text()
+            time.sleep(0.01)
+        reads = [(int(pid), int(w)) for pid, w in (line.split() for line in Path(windows.log).read_text().splitlines())]
+        assert first == 0 and [w for _, w in reads[:3]] == [0, 8, 16]  # step 1, then steps 2 and 3 unasked
+        assert all(pid != os.getpid() for pid, _ in reads)  # read by the worker, not by training
+    finally:
+        ld.close()
 
 
 STUCK_WORKER = """
