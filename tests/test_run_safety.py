@@ -216,6 +216,27 @@ def test_a_stopped_rank_ends_the_others_within_the_timeout_even_with_a_save_in_f
     load_model(newest_complete(tmp_path))  # the newest complete checkpoint still loads
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def test_a_run_in_this_process_gives_back_the_signal_handlers_it_found(data_root, tmp_path, monkeypatch):
+    """A notebook or a test calls train() in-process: the run's SIGTERM handler must not outlive
+    it (forked children inherit it, and then SIGTERM, multiprocessing's way to stop them, cannot)."""
+    mine = lambda *_: None  # noqa: E731
+    previous = {s: signal.signal(s, mine) for s in STOP_SIGNALS}
+    try:
+        train_here(data_root, tmp_path / "ok", "--train.max_steps=2")
+        assert all(signal.getsignal(s) is mine for s in STOP_SIGNALS)
+        import scaling.train
+        monkeypatch.setattr(scaling.train, "INJECT_NONFINITE_STEP", 1)
+        with pytest.raises(Exception, match="non-finite"):  # a run that ends in an error gives them back too
+            train_here(data_root, tmp_path / "nan", "--train.max_steps=2", "--train.on_nonfinite=stop")
+        assert all(signal.getsignal(s) is mine for s in STOP_SIGNALS)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def alive(pid) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
