@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from scaling.config import load_config, model_config
 from scaling.data import TokenWindows, load_meta
+from scaling.metrics import read_metrics
 from scaling.model import GPT
 from scaling.prepare import SHARD_TOKENS
 from scaling.distributed import pick_device
@@ -138,7 +139,7 @@ def layouts(recipe: str, overrides: list[str], steps: int) -> list[dict]:
             # One process gets every core; several share them one thread each.
             env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() // nproc or 1))
             subprocess.run(launch + args, check=True, env=env, capture_output=True, cwd=ROOT)
-            last = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][-1]
+            last = read_metrics(Path(run_dir) / "metrics.jsonl")[-1]
         out.append({"layout": name, "processes": nproc, "tokens_per_sec": last["tokens_per_sec"]})
         print(f"{name:10} {nproc} processes {last['tokens_per_sec']:10,.0f} tok/s", flush=True)
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scaling.tokenizer import TOKENIZERS
+from scaling.tokenizer import TOKENIZERS, ByteTokenizer, GPT2Tokenizer
 
 MAGIC = b"SCALTOK\x00"
 VERSION = 1
@@ -83,8 +83,8 @@ def write_tokens(path: str | Path, ids, vocab_size: int) -> int:
     return w.close()
 
 
-def read_tokens(path: str | Path) -> np.ndarray:
-    """Memory-map a token file after checking its header against its size."""
+def read_header(path: str | Path) -> tuple[int, int]:
+    """A token file's bytes per token and token count, its header checked against its size."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -100,11 +100,19 @@ def read_tokens(path: str | Path) -> np.ndarray:
     if size != HEADER_BYTES + count * itemsize:
         raise DataError(f"{path}: truncated or padded: header says {count} tokens, "
                         f"file holds {(size - HEADER_BYTES) / itemsize:.0f}")
+    return itemsize, count
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    """Memory-map a token file after checking its header against its size."""
+    itemsize, count = read_header(path)
     return np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
 def load_meta(data_dir: str | Path) -> dict:
-    """meta.json, checked here once so that every reader may index it without a traceback."""
+    """meta.json, checked here once so that every reader may index it without a traceback, and
+    checked against itself and its token files' headers (64 bytes each, never the tokens): a
+    vocabulary that disagrees with its alphabet or its files would train, then sample wrongly."""
     meta_path = Path(data_dir) / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"no prepared dataset at {data_dir}")
@@ -118,17 +126,38 @@ def load_meta(data_dir: str | Path) -> dict:
                             ("splits", dict, "an object")):
         if key not in meta:
             raise DataError(f"{meta_path}: missing key '{key}'; prepare the dataset again")
-        if not isinstance(meta[key], kind):
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):  # True is an int to Python
             raise DataError(f"{meta_path}: '{key}' should be {what}, got {meta[key]!r}")
     if meta["tokenizer"] not in TOKENIZERS:
         raise DataError(f"{meta_path}: unknown tokenizer {meta['tokenizer']!r} ({', '.join(TOKENIZERS)})")
     if meta["tokenizer"] == "char" and not isinstance(meta.get("chars"), str):
         raise DataError(f"{meta_path}: missing key 'chars' (the char tokenizer's alphabet)")
-    if meta["vocab_size"] < 1:
-        raise DataError(f"{meta_path}: 'vocab_size' should be >= 1, got {meta['vocab_size']}")
+    vocab, chars = meta["vocab_size"], meta.get("chars")
+    if vocab < 1:
+        raise DataError(f"{meta_path}: 'vocab_size' should be >= 1, got {vocab}")
+    own = {"byte": ByteTokenizer.vocab_size, "gpt2": GPT2Tokenizer.vocab_size}.get(meta["tokenizer"])
+    if own is not None and vocab != own:
+        raise DataError(f"{meta_path}: 'vocab_size' is {vocab}, but the {meta['tokenizer']} tokenizer has {own} tokens")
+    if meta["tokenizer"] == "char" and not len(chars) == len(set(chars)) == vocab:
+        raise DataError(f"{meta_path}: 'chars' holds {len(chars)} characters ({len(set(chars))} distinct), "
+                        f"but 'vocab_size' is {vocab}; prepare the dataset again")
+    eot = meta.get("eot")
+    if eot is not None and (not isinstance(eot, int) or isinstance(eot, bool) or not 0 <= eot < vocab):
+        raise DataError(f"{meta_path}: 'eot' should be a token id below 'vocab_size' {vocab}, got {eot!r}")
     for split, s in meta["splits"].items():
-        if not isinstance(s, dict) or not isinstance(s.get("files"), list):
+        if not isinstance(s, dict) or not isinstance(s.get("files"), list) or not all(
+                isinstance(f, str) for f in s["files"]):
             raise DataError(f"{meta_path}: missing key 'splits.{split}.files' (a list of token files)")
+        count = 0
+        for f in s["files"]:
+            itemsize, n = read_header(Path(data_dir) / f)
+            if vocab > 256 ** itemsize:
+                raise DataError(f"{Path(data_dir) / f}: {itemsize} bytes per token cannot hold the ids of "
+                                f"'vocab_size' {vocab} in {meta_path}; prepare the dataset again")
+            count += n
+        if "tokens" in s and s["tokens"] != count:
+            raise DataError(f"{meta_path}: 'splits.{split}.tokens' is {s['tokens']!r}, but its token files hold "
+                            f"{count}; prepare the dataset again")
     return meta
 
 

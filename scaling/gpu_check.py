@@ -43,12 +43,13 @@ FP32_REL, BF16_REL, MEM_REL = 1e-3, 2e-2, 0.10
 
 def train(run_dir: Path, *args: str, check=True) -> list[dict]:
     """scaling.train on the embedded corpus in a fresh process; its metrics records."""
+    from scaling.metrics import read_metrics
     p = subprocess.run([sys.executable, "-m", "scaling.train", RECIPE, f"--logging.run_dir={run_dir}", *args],
                        capture_output=True, text=True, cwd=ROOT)
     if check and p.returncode:
         raise RuntimeError(f"scaling.train {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()[-1500:]}")
     f = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+    return read_metrics(f) if f.is_file() else []
 
 
 def losses(records, after=0):
@@ -157,8 +158,9 @@ def part_xl_memory(out: Path) -> list[dict]:
             break
     p.kill()  # no final checkpoint: 25 GB of XL state is not what this measures
     p.wait()
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    from scaling.metrics import read_metrics
+    f = run_dir / "metrics.jsonl"
+    records = read_metrics(f) if f.is_file() else []
     steps = [x for x in records if "loss" in x]
     if len(steps) < 4:
         return [row(f"GPT-2 XL at the planner's largest micro batch ({b})", "did not run 4 steps",

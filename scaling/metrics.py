@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import secrets
+import sys
 import time
 from pathlib import Path
 
@@ -92,7 +94,8 @@ class Metrics:
     def __init__(self, run_dir: Path, enabled: bool = True, wandb_cfg=None, config: dict | None = None):
         self.enabled = enabled
         self.start = time.perf_counter()
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open_for_append(self.path) if enabled else None
         self.wandb = start_wandb(Path(run_dir), wandb_cfg, config) if enabled and wandb_cfg else None
 
     def elapsed(self) -> float:
@@ -102,17 +105,67 @@ class Metrics:
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.write_line((json.dumps(record) + "\n").encode())
         print(format_line(record), flush=True)
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def write_line(self, line: bytes):
+        """The whole line or nothing: a write cut short (a full disk) is undone, so that no half
+        line stays for the next record, or a resumed run, to be glued onto."""
+        size = os.fstat(self.file.fileno()).st_size
+        try:
+            rest = memoryview(line)
+            while rest:  # an unbuffered write may take only part; the next one then raises
+                rest = rest[self.file.write(rest):]
+        except OSError as e:
+            self.file.truncate(size)
+            e.filename = e.filename or str(self.path)
+            raise
 
     def close(self):
         if self.file:
             self.file.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def open_for_append(path: Path):
+    """metrics.jsonl, unbuffered (each record is one write). A last line without its newline was
+    cut short (a full disk, a killed process): it is ended first, bytes kept, so the next record
+    starts a line of its own and readers skip just the damaged one."""
+    f = open(path, "a+b", buffering=0)
+    end = f.seek(0, os.SEEK_END)
+    if end:
+        f.seek(end - 1)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+            warn(f"{path}: its last line was cut short (a full disk or a crash?); ended it, new records follow")
+    return f
+
+
+def read_metrics(path: str | Path, report=None) -> list[dict]:
+    """The records of a metrics.jsonl. A damaged line (cut short, garbled) is skipped, and the
+    file and line numbers are passed to report (default: a warning on stderr) in one line."""
+    records, bad = [], []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+            except ValueError:  # not JSON, or not UTF-8
+                r = None
+            if isinstance(r, dict) and isinstance(r.get("step"), int):
+                records.append(r)
+            else:
+                bad.append(i)
+    if bad:
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        (report or warn)(f"{path}: skipped {len(bad)} damaged line(s): {', '.join(map(str, bad[:10]))}{more}")
+    return records
+
+
+def warn(msg: str):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def start_wandb(run_dir: Path, lcfg, config):

@@ -7,22 +7,31 @@ validation losses as a table, one row per evaluation.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from scaling.metrics import read_metrics, warn
+
+
+class RunError(Exception):
+    """A run folder with nothing to plot."""
 
 
 def read_run(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl")
-    train, val = {}, {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+        raise RunError(f"{run_dir}: no metrics.jsonl")
+    train, val, damaged = {}, {}, []
+    for r in read_metrics(path, report=damaged.append):  # damaged lines are skipped, and named
         if "loss" in r:
             train[r["step"]] = r  # a resumed run re-logs some steps: the later record wins
         if "val_loss" in r:
             val[r["step"]] = r
+    if not train and not val:  # one line: the error, naming the damaged lines if that is why
+        where = f"{damaged[0]}; " if damaged else f"{path}: "
+        raise RunError(f"{where}no training or validation record to plot")
+    for msg in damaged:
+        warn(msg)
     return {"name": Path(run_dir).name, "train": [train[k] for k in sorted(train)],
             "val": [val[k] for k in sorted(val)]}
 
@@ -32,13 +41,12 @@ def val_table(run: dict) -> str:
     return "\n".join([f"{run['name']}: validation loss", "  step        tokens  val_loss", *rows])
 
 
-def plot(run_dirs: list[str], out: str) -> int:
-    """Writes the figure; returns the number of curves drawn."""
+def plot(runs: list[dict], out: str) -> int:
+    """Writes the figure of runs (read_run's); returns the number of curves drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [read_run(d) for d in run_dirs]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     (loss_step, loss_tokens), (speed, lr) = axes
     curves = 0
@@ -73,10 +81,11 @@ def main(argv=None):
     ap.add_argument("--table", action="store_true", help="also print each run's validation losses")
     a = ap.parse_args(argv)
     try:
+        runs = [read_run(d) for d in a.runs]
         if a.table:
-            print("\n\n".join(val_table(read_run(d)) for d in a.runs))
-        n = plot(a.runs, a.out)
-    except FileNotFoundError as e:
+            print("\n\n".join(val_table(r) for r in runs))
+        n = plot(runs, a.out)
+    except (RunError, FileNotFoundError) as e:  # FileNotFoundError: -o in a folder that is not there
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except ImportError:

@@ -133,7 +133,9 @@ def problems(cfg, reports: list[dict], dirs: list[str | None], on_gpus: bool, bw
     saved = run_dir / "checkpoints"
     have = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) if saved.is_dir() else 0
     need = max(0.0, (cfg.checkpoint.keep + 1) * checkpoint_bytes(cfg) - have) if cfg.checkpoint.keep > 0 else 0
-    free = shutil.disk_usage(run_dir).free
+    # The disk the run folder is on, or would be on where it could not be made (reported above).
+    disk = next(p for p in (run_dir, *run_dir.parents) if p.is_dir())
+    free = shutil.disk_usage(disk).free
     if need > free:
         out.append(f"run folder {run_dir}: {free / 1e9:.1f} GB free, but checkpoint.keep={cfg.checkpoint.keep} "
                    f"checkpoints and the one being written need {need / 1e9:.1f} GB more")
@@ -169,10 +171,7 @@ def main(argv=None):
     env = distributed.init("cpu" if cfg.train.device == "cpu" else "auto", cfg.parallel.timeout_s)
     run_dir = Path(cfg.logging.run_dir)
     mine = facts()
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    first = check_run_dir(run_dir, None)
+    first = check_run_dir(run_dir, None)  # makes the run folder, or says why it cannot
     # Rank 0's token, when it could write one: who cannot read it sees another folder.
     token = [uuid.uuid4().hex if env.is_main and first is None else None]
     if token[0] is not None:

@@ -100,6 +100,32 @@ def test_meta_json_without_a_required_key_names_the_key(tmp_path):
         load_meta(d)
 
 
+# meta.json must agree with itself and with its token files' headers.
+ALPHABET_70K = "".join(chr(0x10000 + i) for i in range(70_000))  # more ids than 2 bytes per token hold
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(tokenizer="char", chars="abc", vocab_size=4, eot=None),
+     r"'chars' holds 3 characters \(3 distinct\), but 'vocab_size' is 4"),
+    (lambda m: m.update(tokenizer="char", chars="abca", vocab_size=4, eot=None),
+     r"'chars' holds 4 characters \(3 distinct\), but 'vocab_size' is 4"),
+    (lambda m: m.update(eot=257), r"'eot' should be a token id below 'vocab_size' 257, got 257"),
+    (lambda m: m.update(vocab_size=0), r"'vocab_size' should be >= 1, got 0"),
+    (lambda m: m.update(vocab_size=True), r"'vocab_size' should be an integer, got True"),
+    (lambda m: m.update(vocab_size=300), r"'vocab_size' is 300, but the byte tokenizer has 257 tokens"),
+    (lambda m: m.update(tokenizer="char", chars=ALPHABET_70K, vocab_size=70_000, eot=None),
+     r"train_000000\.bin: 2 bytes per token cannot hold the ids of 'vocab_size' 70000"),
+    (lambda m: m["splits"]["val"].update(tokens=m["splits"]["val"]["tokens"] + 1),
+     r"'splits\.val\.tokens' is 10001, but its token files hold 10000"),
+], ids=["short-alphabet", "repeated-char", "eot", "zero-vocab", "bool-vocab", "vocab-not-the-tokenizers",
+        "dtype-too-small", "token-count"])
+def test_meta_json_that_disagrees_with_itself_or_its_files_is_refused_naming_the_field(change, message, tmp_path):
+    d = make_dataset(tmp_path / "d")
+    edit_meta(change)(d)
+    with pytest.raises(DataError, match=message):
+        load_meta(d)
+
+
 def test_token_file_listed_but_missing_is_refused_naming_it(tmp_path):
     d = make_dataset(tmp_path / "d")
     (d / "val_000001.bin").unlink()
@@ -131,21 +157,28 @@ def test_reading_a_window_refuses_a_token_id_beyond_the_vocabulary(tmp_path):
         windows.window(30)  # tokens 100..200 of the second file
 
 
-def break_meta(key):
+def edit_meta(change):
     def f(d):
         meta = json.loads((d / "meta.json").read_text())
-        del meta[key]
+        change(meta)
         (d / "meta.json").write_text(json.dumps(meta))
     return f
+
+
+def break_meta(key):
+    return edit_meta(lambda meta: meta.pop(key))
 
 
 @pytest.mark.parametrize("breaks, message", [
     (lambda d: (d / "meta.json").write_text("{not json"), r"shakes/meta\.json: not valid JSON"),
     (break_meta("splits"), r"shakes/meta\.json: missing key 'splits'"),
     (lambda d: (d / "val_000000.bin").unlink(), r"shakes/val_000000\.bin: cannot read the token file"),
-    (lambda d: write_tokens(d / "train_000000.bin", np.full(100_000, 1000), vocab_size=257),
+    (lambda d: write_tokens(d / "train_000000.bin", np.full(len(read_tokens(d / "train_000000.bin")), 1000),
+                            vocab_size=257),  # as many tokens as before: meta.json's count still holds
      r"shakes/train_000000\.bin: token id 1000 in the 'train' split is >= vocab_size 257"),
-], ids=["not-json", "missing-key", "missing-file", "id-beyond-vocab"])
+    (edit_meta(lambda m: m.update(tokenizer="char", chars="abc", eot=None)),
+     r"shakes/meta\.json: 'chars' holds 3 characters \(3 distinct\), but 'vocab_size' is 257"),
+], ids=["not-json", "missing-key", "missing-file", "id-beyond-vocab", "short-alphabet"])
 def test_train_on_a_broken_dataset_exits_2_with_one_line_naming_the_file(breaks, message, data_root, tmp_path):
     from conftest import run_module, tiny_args
     root = tmp_path / "data"

@@ -287,3 +287,37 @@ def test_a_run_folder_rank_0_cannot_write_is_one_problem_not_also_a_foreign_fold
     found = [line for line in p.stdout.splitlines() if line.startswith("preflight: ")]
     folder = [line for line in found if "run folder" in line]
     assert folder == [f"preflight: run folder {tmp_path / 'run'} on node 0: not writable (Permission denied)"], p.stdout
+
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A read-only tmpfs folder; needs root (as in CI) or skips."""
+    point = tmp_path / "ro"
+    point.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(point)], capture_output=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
+    yield point
+    subprocess.run(["umount", str(point)])
+
+
+def preflight_problems(data_root, run_dir) -> list[str]:
+    """One process (its own exit status and stderr: torchrun adds a traceback of its own to any
+    failure); its problem lines, after checking that it reported them as problems."""
+    p = run_module("scaling.preflight", TINY, f"--data.root={data_root}", f"--logging.run_dir={run_dir}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return [line for line in p.stdout.splitlines() if line.startswith("preflight: ")]
+
+
+def test_a_run_folder_on_a_read_only_disk_is_a_preflight_problem_not_a_traceback(data_root, read_only_disk):
+    run_dir = read_only_disk / "run"
+    assert f"preflight: run folder {run_dir} on node 0: not writable (Read-only file system)" in \
+        preflight_problems(data_root, run_dir)
+
+
+def test_a_run_folder_under_a_file_is_a_preflight_problem_not_a_traceback(data_root, tmp_path):
+    (tmp_path / "file").write_text("x")
+    run_dir = tmp_path / "file" / "run"
+    assert f"preflight: run folder {run_dir} on node 0: not writable (Not a directory)" in \
+        preflight_problems(data_root, run_dir)
