@@ -140,6 +140,17 @@ class WorkerFailed(RuntimeError):
     """A loader worker process died: a failure of the run, not bad input."""
 
 
+def worker_death(e: BaseException) -> str | None:
+    """The one line for a loader worker's death, whichever way it surfaced (None if e is not one):
+    torch's SIGCHLD handler raises its RuntimeError wherever the training process happens to be
+    (in the backward, say); a transfer cut short raises EOFError or a reset in next_step."""
+    if isinstance(e, WorkerFailed):
+        return str(e)
+    if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+        return f"the data loader's worker process died ({str(e).strip().splitlines()[0][:200]})"
+    return None
+
+
 def _quiet_worker(worker_id: int):
     """A worker ignores the signals meant for training (a scheduler's SIGTERM to every process,
     Ctrl-C to the process group): killed, it would raise an error in the training process in the
@@ -207,7 +218,10 @@ class DataLoader:
         try:
             rows = next(self._it)
         except (EOFError, ConnectionError, RuntimeError) as e:
-            raise self._worker_failure(e) from e
+            failure = self._worker_failure(e)
+            if failure is not e:
+                self.close()  # also takes the workers off torch's SIGCHLD check, which would raise again
+            raise failure from e
         if isinstance(rows, Exception):
             raise rows
         position = _position(self._it.state_dict())
@@ -217,13 +231,15 @@ class DataLoader:
     def _worker_failure(self, e: Exception) -> Exception:
         """A worker that died (out of memory, killed) surfaces as whatever the transfer of its
         last batch hit: torch's RuntimeError, an EOFError or a reset connection. Name it."""
-        dead = [w for w in getattr(self._it, "_workers", []) if not w.is_alive()]
-        if not dead and not (self.workers and isinstance(e, (EOFError, ConnectionError))) \
-                and "DataLoader worker" not in str(e):
+        workers = getattr(self._it, "_workers", [])
+        if not (workers and isinstance(e, (EOFError, ConnectionError))) and "DataLoader worker" not in str(e):
             return e  # not a worker's death
-        how = ", ".join(f"pid {w.pid}, " + (f"killed by {signal.Signals(-w.exitcode).name}" if (w.exitcode or 0) < 0
-                        else f"exit code {w.exitcode}") for w in dead) or str(e).splitlines()[0][:200]
-        return WorkerFailed(f"the data loader's worker process died ({how}; out of memory?)")
+        for w in workers:  # the transfer broke as the worker died: let the kernel finish with it
+            w.join(timeout=2)
+        how = ", ".join(f"pid {w.pid}, " + (f"killed by {signal.Signals(-w.exitcode).name}" if w.exitcode < 0
+                        else f"exit code {w.exitcode}") for w in workers if w.exitcode is not None)
+        return WorkerFailed(f"the data loader's worker process died ({how or str(e).splitlines()[0][:200]}; "
+                            "out of memory?)")
 
     def next_step(self):
         """The micro batches (x, y) of this rank for the next optimizer step."""

@@ -21,12 +21,12 @@ import torch
 from torch.distributed.tensor.parallel import loss_parallel
 
 from scaling import checkpoint, distributed
-from scaling.checkpoint import CheckpointError, NoCheckpointLeft, resume_from, train_state
+from scaling.checkpoint import CheckpointError, resume_from, train_state
 from scaling.config import Config, ConfigError, die, main_with_config, model_config, to_dict
 from scaling.data import DataError, TokenWindows, load_meta
 from scaling.eval import mean_loss
 from scaling.guards import NonFinite, NonFiniteSteps, SpikeGuard
-from scaling.loader import DataLoader, WorkerFailed
+from scaling.loader import DataLoader, worker_death
 from scaling.metrics import Metrics, Profiler, StepTimer, memory, peak_flops
 from scaling.model import GPT, loss_fn
 from scaling.optim import build_optimizer, clip_gradients, lr_at
@@ -315,16 +315,16 @@ def main(argv=None):
         train(cfg)
     except distributed.FollowerExit as e:  # rank 0 printed why
         sys.exit(e.code)
-    except NoCheckpointLeft as e:  # a failure of the run's storage, not of the command
+    except CheckpointError as e:  # a save that failed, or no whole checkpoint left: the disk's failure
         die(str(e), code=1)
-    except (DataError, ConfigError, CheckpointError, ConnectionError) as e:  # ConnectionError: no BPE files
+    except (DataError, ConfigError, ConnectionError) as e:  # ConnectionError: no BPE files
         die(str(e))
     except OSError as e:  # the run folder became unwritable or full while training
         die(f"{e.filename or cfg.logging.run_dir}: {(e.strerror or str(e)).lower()}; the checkpoints saved "
-            "before are intact")
-    except WorkerFailed as e:
-        die(f"rank {distributed.rank()}: {e}; the newest complete checkpoint is intact", code=1)
+            "before are intact", code=1)  # a failure of the disk, not bad input
     except RuntimeError as e:
+        if died := worker_death(e):  # killed (out of memory?): a failure, not bad input
+            die(f"rank {distributed.rank()}: {died}; the newest complete checkpoint is intact", code=1)
         if not distributed.is_comm_failure(e):
             raise
         # Another rank died or hangs (a collective failed or timed out). Exit now: waiting for

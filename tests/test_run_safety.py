@@ -309,7 +309,7 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(data_root, mount):
     point = mount("size=6m")  # a checkpoint of the tiny model with its optimizer is ~1.9 MB
     run_dir = point / "run"
     line = one_line_error(train_cli(data_root, run_dir, "--train.max_steps=50", "--checkpoint.every=1",
-                                    "--checkpoint.keep=0"))
+                                    "--checkpoint.keep=0"), code=1)  # a failure, not bad input
     assert "no space left on device" in line
     newest = newest_complete(run_dir, report=lambda *_: None)
     assert newest is not None and not list((run_dir / "checkpoints").glob("*.tmp"))
