@@ -6,30 +6,46 @@ a nanoGPT ckpt.pt. DST is written as a Hugging Face folder (--to hf, loadable by
 GPT2LMHeadModel.from_pretrained), a nanoGPT ckpt.pt (--to nanogpt), or one consolidated .pt
 file (--to pt, the default). Recipes start from any SRC with model.init_from. The formats
 themselves are in scaling/weights.py.
+
+An existing DST is refused unless --overwrite is given: a file, or for --to hf a folder that is
+not empty. Files are written under temporary names beside DST and renamed into place only when
+whole, so a failure (a full disk) leaves DST as it was.
 """
 
 import argparse
 from pathlib import Path
 
 from scaling.errors import die
-from scaling.weights import read_weights, write_weights
+from scaling.weights import WriteError, read_weights_and_tokenizer, write_weights
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.convert", description=__doc__.splitlines()[0])
     ap.error = die  # one line, like every bad input, not argparse's usage block
     ap.add_argument("src", help="our checkpoint/run folder or .pt, a Hugging Face folder, or a nanoGPT ckpt.pt")
-    ap.add_argument("dst")
+    ap.add_argument("dst", help="the file (--to pt, nanogpt) or folder (--to hf) to write")
     ap.add_argument("--to", choices=["hf", "nanogpt", "pt"], default="pt")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing DST file; with --to hf, write config.json and model.safetensors "
+                         "into a folder that is not empty (its other files are kept). Without it, an existing "
+                         "file or a non-empty folder is refused. The old files stay until the new ones are whole")
     a = ap.parse_args(argv)
     dst = Path(a.dst)
     if a.to == "hf" and dst.exists() and not dst.is_dir():
         die(f"{a.dst}: is a file, --to hf writes a folder")
     if a.to != "hf" and dst.is_dir():
         die(f"{a.dst}: is a folder, --to {a.to} writes one file")
+    # Checked before the (possibly long) read. A non-empty folder, not just one holding
+    # config.json: weights of another model beside ours would make a folder that is neither.
+    if a.to == "hf" and dst.is_dir() and any(dst.iterdir()) and not a.overwrite:
+        die(f"{a.dst}: folder is not empty; pass --overwrite to write config.json and model.safetensors into it")
+    if a.to != "hf" and dst.exists() and not a.overwrite:
+        die(f"{a.dst}: already exists; pass --overwrite to replace it")
     try:
-        sd, cfg, vocab = read_weights(a.src)
-        cfg = write_weights(sd, cfg, dst, a.to, vocab)
+        sd, cfg, vocab, tok = read_weights_and_tokenizer(a.src)
+        cfg = write_weights(sd, cfg, dst, a.to, vocab, tok)
+    except WriteError as e:  # a failure, not bad input
+        die(str(e), code=1)
     except (OSError, ValueError) as e:
         die(str(e))
     n = sum(v.numel() for k, v in sd.items() if k not in ("lm_head.weight", "wte.weight")) + cfg.vocab_size * cfg.n_embd

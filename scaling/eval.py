@@ -3,9 +3,11 @@
 MODEL is anything scaling.convert reads: a run or checkpoint folder, our .pt, a Hugging Face
 GPT-2 folder or a nanoGPT ckpt.pt.
 
-loss: mean next-token loss over the first --sequences windows of --seq-len tokens of a prepared
-  split (the published GPT-2 losses on OpenWebText val are 3.12 / 2.84 / 2.67 / 2.54 for 124M /
-  350M / 774M / 1.5B; README shows the commands).
+loss: mean next-token loss over the first --sequences windows of --seq-len tokens (default: the
+  model's block_size; longer is refused) of a prepared split (the published GPT-2 losses on
+  OpenWebText val are 3.12 / 2.84 / 2.67 / 2.54 for 124M / 350M / 774M / 1.5B; README shows the
+  commands). The dataset must be tokenized as the model was: its meta.json is checked against
+  the tokenizer.json our checkpoints keep.
 hellaswag: the multiple-choice benchmark llm.c and modded-nanogpt report. Each example's four
   endings are scored by the model's loss on the ending's tokens after the context; acc takes the
   ending with the lowest total loss, acc_norm the lowest mean loss per token (what llm.c
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scaling.errors import die
 from scaling.sources import NETWORK_ERRORS
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -54,7 +57,26 @@ def split_loss(model, data_dir: str, split: str, seq_len: int, sequences: int, b
     from scaling.data import TokenWindows
     windows = TokenWindows(data_dir, split, seq_len)
     n = min(sequences, windows.num_windows)
-    return {"loss": mean_loss(model, windows, n, batch, device), "sequences": n, "tokens": n * seq_len}
+    return {"loss": mean_loss(model, windows, n, batch, device), "seq_len": seq_len, "sequences": n,
+            "tokens": n * seq_len}
+
+
+def check_data(data_dir: str, tok: dict | None, model) -> None:
+    """The dataset's ids must mean to the model what they meant in training: another tokenizer's
+    ids give a meaningless loss, or an IndexError in the embedding (a device-side assert on GPU)
+    once one is past the model's vocabulary. tok: the model's tokenizer.json, None where its
+    weights do not say (then only the range is checked). TokenWindows checks every id against
+    meta.json's vocab_size, so checking that against the model's closes the gap."""
+    from scaling.data import load_meta
+    meta = load_meta(data_dir)
+    theirs = f"'{meta['tokenizer']}' tokens (vocab_size {meta['vocab_size']}, its meta.json)"
+    if tok is not None and (tok["name"] != meta["tokenizer"] or tok.get("chars") != meta.get("chars")):
+        other = " with another alphabet" if tok["name"] == meta["tokenizer"] else ""
+        raise ValueError(f"--data {data_dir} holds {theirs}; the model was trained on '{tok['name']}' tokens"
+                         f"{other} (vocab_size {tok['vocab_size']}, its tokenizer.json)")
+    vocab = tok["vocab_size"] if tok is not None else model.cfg.vocab_size
+    if meta["vocab_size"] > vocab:
+        raise ValueError(f"--data {data_dir} holds {theirs}, ids the model's {vocab}-token vocabulary does not have")
 
 
 def hellaswag_examples(path: str | None) -> list[dict]:
@@ -122,19 +144,35 @@ def hellaswag(model, tokenizer, examples: list[dict], device, limit: int | None 
     return {"acc": acc / n, "acc_norm": acc_norm / n, "examples": n}
 
 
+def tokenizer_of(tok: dict | None, model):
+    """The tokenizer to encode HellaSwag with: the model's own, or GPT-2's for weights that do
+    not say, if the model has rows for all of its ids."""
+    from scaling.tokenizer import GPT2Tokenizer, get_tokenizer
+    t = get_tokenizer(tok["name"], tok) if tok is not None else GPT2Tokenizer()
+    if t.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the model has {model.cfg.vocab_size} token ids, fewer than GPT-2's tokenizer "
+                         f"({t.vocab_size}), which weights without a tokenizer.json are scored with")
+    return t
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.eval", description=__doc__.splitlines()[0])
+    ap.error = die  # one line, like every bad input, not argparse's usage block
     ap.add_argument("model", help="run/checkpoint folder, .pt, Hugging Face folder or nanoGPT ckpt.pt")
     ap.add_argument("task", choices=["loss", "hellaswag"])
     ap.add_argument("--data", help="loss: a prepared dataset folder, e.g. data/openwebtext")
     ap.add_argument("--split", default="val")
-    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--seq-len", type=int, help="loss: tokens per window (default: the model's block_size)")
     ap.add_argument("--sequences", type=int, default=500, help="loss: windows to evaluate")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--file", help="hellaswag: a local hellaswag_val.jsonl instead of the download")
     ap.add_argument("--limit", type=int, help="hellaswag: only the first N examples")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = ap.parse_args(argv)
+    for opt, value in (("--seq-len", a.seq_len), ("--sequences", a.sequences), ("--batch", a.batch),
+                       ("--limit", a.limit)):
+        if value is not None and value < 1:
+            die(f"{opt}: must be >= 1, got {value}")
     from scaling.distributed import pick_device
     device = pick_device(a.device)
     try:
@@ -143,11 +181,15 @@ def main(argv=None):
         examples = hellaswag_examples(a.file) if a.task == "hellaswag" else None  # before a long model load
         from scaling.weights import load_any
         model, tok = load_any(a.model, device)
+        block = model.cfg.block_size
         if a.task == "loss":
-            seq_len = min(a.seq_len, model.cfg.block_size)
+            seq_len = a.seq_len or block
+            if seq_len > block:  # it has no position embeddings past block_size
+                raise ValueError(f"--seq-len {seq_len}: longer than the model's block_size {block}")
+            check_data(a.data, tok, model)
             r = split_loss(model, a.data, a.split, seq_len, a.sequences, a.batch, device)
         else:
-            r = hellaswag(model, tok, examples, device, a.limit)
+            r = hellaswag(model, tokenizer_of(tok, model), examples, device, a.limit)
     except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

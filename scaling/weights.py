@@ -12,9 +12,12 @@ fused into one c_attn; nanoGPT uses the same names with nn.Linear, shape (out, i
 nn.Linear with q, k and v apart.
 """
 
+import contextlib
+import errno
 import json
 import os
 import pickle
+import shutil
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,6 +30,7 @@ from scaling.checkpoint import resolve_checkpoint
 from scaling.config import load_config, model_config
 from scaling.errors import ConfigError
 from scaling.model import GPTConfig
+from scaling.tokenizer import TOKENIZERS
 
 def _pairs(n_layer: int):
     """(our name, Hugging Face name, transposed?) for every tensor except q, k and v, which
@@ -108,18 +112,27 @@ def read_weights(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, i
     docstring. The ids in use are the tokenizer's vocabulary for our checkpoints (the model's may
     be padded beyond it), the model's for other formats. Anything else is one ValueError naming
     src and what it should have been (FileNotFoundError if missing)."""
+    sd, cfg, vocab, _ = read_weights_and_tokenizer(src)
+    return sd, cfg, vocab
+
+
+def read_weights_and_tokenizer(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dict | None]:
+    """read_weights, and the tokenizer the weights were trained with where they record it (our
+    checkpoints' tokenizer.json, and our .pt files written from them): a dict with name and
+    vocab_size (and chars for the char tokenizer), or None (Hugging Face and nanoGPT weights, and
+    .pt files written from those, do not say)."""
     if not Path(src).exists():
         raise FileNotFoundError(f"{src}: not found (expected {SOURCES})")
     try:
-        sd, cfg, vocab = _read_weights(Path(src))
+        sd, cfg, vocab, tok = _read_weights(Path(src))
         check_tensors(sd, cfg)
     except NOT_WEIGHTS as e:
         why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{src}: cannot read weights ({why}); expected {SOURCES}") from None
-    return sd, cfg, vocab
+    return sd, cfg, vocab, tok
 
 
-def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int]:
+def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dict | None]:
     if p.is_dir() and (p / "config.json").is_file():  # Hugging Face
         c = json.loads((p / "config.json").read_text())
         if (p / "model.safetensors").is_file():
@@ -133,19 +146,23 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int]:
             raise ValueError("unsupported config: bias=false")
         cfg = GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                         block_size=c["n_positions"], vocab_size=c["vocab_size"])
-        return hf_to_ours(hf, cfg.n_layer), cfg, cfg.vocab_size
+        return hf_to_ours(hf, cfg.n_layer), cfg, cfg.vocab_size, None
     if p.is_dir():  # our checkpoint or run folder
-        model, tok, _ = load_model(p)
-        return {k: v.detach() for k, v in model.state_dict().items()}, model.cfg, tok.vocab_size
+        model, tok, _ = _load_ours(p)
+        return {k: v.detach() for k, v in model.state_dict().items()}, model.cfg, tok["vocab_size"], tok
     ck = _torch_load(p)
     if isinstance(ck, dict) and "gpt_config" in ck:  # ours, consolidated
         cfg = GPTConfig(**ck["gpt_config"])
-        return {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}, cfg, ck.get("vocab", cfg.vocab_size)
+        tok = ck.get("tokenizer")  # absent in files written from other formats (and before it was kept)
+        if tok is not None and not (isinstance(tok, dict) and tok.get("name") in TOKENIZERS
+                                    and isinstance(tok.get("vocab_size"), int)):
+            raise ValueError(f"its 'tokenizer' entry is not a tokenizer ({tok!r:.80})")
+        return {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}, cfg, ck.get("vocab", cfg.vocab_size), tok
     if isinstance(ck, dict) and "model_args" in ck:  # nanoGPT
         a = ck["model_args"]
         cfg = GPTConfig(n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"], block_size=a["block_size"],
                         vocab_size=a["vocab_size"], dropout=a.get("dropout", 0.0), bias=a.get("bias", True))
-        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg, cfg.vocab_size
+        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg, cfg.vocab_size, None
     raise ValueError(f"a {type(ck).__name__} without 'gpt_config' or 'model_args'")
 
 
@@ -191,13 +208,19 @@ def strip_vocab(sd: dict[str, torch.Tensor], cfg: GPTConfig, vocab_size: int) ->
     return {**sd, "wte.weight": wte, "lm_head.weight": wte}, replace(cfg, vocab_size=vocab_size)
 
 
+class WriteError(OSError):
+    """Writing converted weights failed (disk full, no permission): one line naming the destination."""
+
+
 def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, to: str,
-                  vocab: int | None = None) -> GPTConfig:
-    """Each file is written under a temporary name and renamed when complete: an error or a kill
-    midway leaves whatever dst held before. vocab: the token ids in use; a Hugging Face export is
-    cut to them (GPT2LMHeadModel then loads GPT-2's 50257 rows from a model padded to 50304),
-    while nanoGPT (which trains GPT-2 padded itself) and our .pt keep the model's rows. Returns the
-    shape written."""
+                  vocab: int | None = None, tokenizer: dict | None = None) -> GPTConfig:
+    """Every file is written under a temporary name beside its destination and all are renamed
+    into place only when all are whole: a failure or a kill midway leaves whatever dst held
+    before (WriteError names dst and the cause). vocab: the token ids in use; a Hugging Face
+    export is cut to them (GPT2LMHeadModel then loads GPT-2's 50257 rows from a model padded to
+    50304), while nanoGPT (which trains GPT-2 padded itself) and our .pt keep the model's rows.
+    tokenizer: what read_weights_and_tokenizer found, kept in our .pt so that eval can check a
+    dataset against it. Returns the shape written."""
     dst = Path(dst)
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     if to == "hf" and vocab is not None and vocab < cfg.vocab_size:
@@ -207,41 +230,78 @@ def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, 
         if not cfg.bias:  # GPT2LMHeadModel would fill the missing biases with random values
             raise ValueError("--to hf: Hugging Face GPT-2 always has biases, this model has bias=False "
                              "(--to nanogpt or --to pt keep it)")
-        dst.mkdir(parents=True, exist_ok=True)
         hf = ours_to_hf(sd, cfg.n_layer)
         hf.pop("lm_head.weight")  # tied: Hugging Face re-ties it from wte on load
-        _replace(dst / "model.safetensors", lambda t: save_file(hf, t, metadata={"format": "pt"}))
-        _replace(dst / "config.json", lambda t: t.write_text(json.dumps(hf_config(cfg), indent=2)))
+        # config.json renamed last: it is what marks a folder as Hugging Face weights
+        files = {dst / "model.safetensors": lambda t: save_file(hf, t, metadata={"format": "pt"}),
+                 dst / "config.json": lambda t: t.write_text(json.dumps(hf_config(cfg), indent=2))}
     elif to == "nanogpt":
         args = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
                                             "dropout")}
         ck = {"model": ours_to_nanogpt(sd, cfg.n_layer), "model_args": args, "iter_num": 0,
               "best_val_loss": float("inf"), "config": {}}
-        _replace(dst, lambda t: torch.save(ck, t))
+        files = {dst: lambda t: torch.save(ck, t)}
     else:
         sd.pop("lm_head.weight", None)  # tied to wte.weight
-        _replace(dst, lambda t: torch.save({"model": sd, "gpt_config": asdict(cfg), "vocab": vocab or cfg.vocab_size}, t))
+        ck = {"model": sd, "gpt_config": asdict(cfg), "vocab": vocab or cfg.vocab_size}
+        if tokenizer is not None:
+            ck["tokenizer"] = tokenizer
+        files = {dst: lambda t: torch.save(ck, t)}
+    _write_all(dst, files)
     return cfg
 
 
-def _replace(path: Path, write):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    open(tmp, "wb").close()  # an OSError naming the file, not torch.save's RuntimeError
+def _write_all(dst: Path, files: dict):
+    """files: {path: write(tmp_path)}. All written beside their paths, then all renamed."""
+    existed = dst.exists()
+    folder = next(iter(files)).parent
+    made = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first: removed on failure
+    tmps = {}
     try:
-        write(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, write in files.items():
+            tmps[path] = path.with_name(path.name + ".tmp")
+            write(tmps[path])
+    except BaseException as e:
+        # a write failure (not a bug, not ^C) is named, and the disk asked before its space is given back
+        why = _why(e, folder) if isinstance(e, (OSError, RuntimeError, SafetensorError)) else None
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if why is None:
+            raise
+        path, left = list(tmps)[-1] if tmps else dst, "is unchanged" if existed else "was not created"
+        raise WriteError(f"writing {path} failed: {why}; {dst} {left}") from e
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
+
+
+def _why(e: Exception, folder: Path) -> str:
+    """The cause in a few words. torch.save reports a full disk as RuntimeError "unexpected pos"
+    and safetensors wraps the OSError in its own error: ask the disk, as checkpoint.py does."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        return "no space left on device"
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < (1 << 20):
+            return "no space left on device"
+    return getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def load_model(path: str | Path, device="cpu"):
     """(model, tokenizer, config) from a checkpoint or run folder, for inference."""
+    from scaling.tokenizer import get_tokenizer
+    model, tok_spec, cfg = _load_ours(path, device)
+    return model, get_tokenizer(tok_spec["name"], tok_spec), cfg
+
+
+def _load_ours(path: str | Path, device="cpu"):
+    """(model, its tokenizer.json, config) from a checkpoint or run folder. The tokenizer is not
+    built here: GPT-2's BPE would need its files (or the network) just to convert or score ids."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from scaling.model import GPT
-    from scaling.tokenizer import get_tokenizer
 
     ckpt = resolve_checkpoint(path)
     # The saved layout was for the training world; inference here is one process.
@@ -255,25 +315,19 @@ def load_model(path: str | Path, device="cpu"):
     sd = get_model_state_dict(model)
     dcp.load({"model": sd}, checkpoint_id=ckpt)
     model.eval()
-    return model, get_tokenizer(tok_spec["name"], tok_spec), cfg
+    return model, tok_spec, cfg
 
 
-def load_any(src: str, device) -> tuple[torch.nn.Module, object]:
-    """(model, tokenizer) from any weights read_weights reads: our runs and checkpoints with their own
-    tokenizer, Hugging Face and nanoGPT GPT-2 weights with GPT-2's."""
+def load_any(src: str, device) -> tuple[torch.nn.Module, dict | None]:
+    """(model, tokenizer spec) from any weights read_weights reads. The spec (name, vocab_size, ...)
+    is the one our runs, checkpoints and .pt files record; None for weights that do not say
+    (Hugging Face and nanoGPT GPT-2 weights, meant for GPT-2's tokenizer)."""
     from scaling.model import GPT
-    from scaling.tokenizer import GPT2Tokenizer, get_tokenizer
-    p = Path(src)
-    tok_file = next((f for f in (p / "tokenizer.json", *sorted(p.glob("checkpoints/step_*/tokenizer.json")))
-                     if f.is_file()), None) if p.is_dir() else None
-    sd, cfg, _ = read_weights(src)
+    sd, cfg, _, tok = read_weights_and_tokenizer(src)
     model = GPT(cfg)
     model.load_state_dict(sd)
     model.to(device).eval()
-    if tok_file is not None:
-        spec = json.loads(tok_file.read_text())
-        return model, get_tokenizer(spec["name"], spec)
-    return model, GPT2Tokenizer()  # Hugging Face and nanoGPT GPT-2 weights
+    return model, tok
 
 
 def load_pretrained(model, cfg, log):

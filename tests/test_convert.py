@@ -1,9 +1,14 @@
 """Import and export: Hugging Face GPT-2 folders, nanoGPT ckpt.pt, consolidated files, init_from."""
 
+import shlex
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import run_module, tiny_args
+from conftest import ROOT, run_module, tiny_args
 from scaling.weights import load_model, ours_to_nanogpt, read_weights
 
 transformers = pytest.importorskip("transformers")
@@ -138,9 +143,106 @@ def test_a_failed_export_leaves_the_file_already_at_dst(trained, tmp_path, monke
         open(f, "wb").write(b"half a file")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="no space left on device"):
         write_weights(sd, cfg, tmp_path / "ours.pt", "pt")
     assert (tmp_path / "ours.pt").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ours.pt"]
+
+
+# An existing destination: refused without --overwrite; a full disk: one line, nothing partial.
+
+def weights_file(path, n_embd):
+    """Our .pt of a 2-layer model, n_embd wide: 128 makes ~1.8 MB, 16 ~40 KB."""
+    from scaling.model import GPT, GPTConfig
+    from scaling.weights import write_weights
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=n_embd, block_size=64, vocab_size=257))
+    write_weights(model.state_dict(), model.cfg, path, "pt")
+    return path
+
+
+def files(folder):
+    """Every file under folder, by its path there, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("to, dst, why", [
+    ("pt", "out.pt", "already exists; pass --overwrite to replace it"),
+    ("hf", "hf", "folder is not empty; pass --overwrite to write config.json and model.safetensors into it"),
+])
+def test_convert_refuses_an_existing_destination_without_overwrite(to, dst, why, tmp_path, capsys):
+    from scaling.convert import main
+    src = weights_file(tmp_path / "src.pt", 16)
+    dst = tmp_path / dst
+    if to == "hf":
+        dst.mkdir()
+        (dst / "notes.txt").write_text("someone else's")  # not a file convert writes: still refused
+    else:
+        dst.write_text("someone else's")
+    before = files(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([str(src), str(dst), "--to", to])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {dst}: {why}\n"
+    assert files(tmp_path) == before and (to != "hf" or files(dst) == {"notes.txt": b"someone else's"})
+
+
+@pytest.mark.parametrize("to", ["pt", "hf"])
+def test_convert_with_overwrite_replaces_an_existing_destination(to, tmp_path):
+    src = weights_file(tmp_path / "src.pt", 16)
+    dst = tmp_path / ("hf" if to == "hf" else "out.pt")
+    if to == "hf":
+        run_module("scaling.convert", weights_file(tmp_path / "old.pt", 32), dst, "--to", "hf", check=True)
+        (dst / "notes.txt").write_text("kept")
+    else:
+        weights_file(dst, 32)
+    run_module("scaling.convert", src, dst, "--to", to, "--overwrite", check=True)
+    assert read_weights(dst)[1].n_embd == 16
+    assert to != "hf" or sorted(files(dst)) == ["config.json", "model.safetensors", "notes.txt"]
+
+
+def can_mount_tmpfs():
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True).returncode == 0
+
+
+def on_a_small_disk(tmp_path, command):
+    """Run the shell line command with tmp_path/disk a fresh 1 MB tmpfs, in a mount namespace of
+    its own (gone with the command: nothing to unmount), then copy what the command left on the
+    disk to tmp_path/left for the test to look at."""
+    disk, left = tmp_path / "disk", tmp_path / "left"
+    disk.mkdir()
+    left.mkdir()
+    script = f"mount -t tmpfs -o size=1m tmpfs {disk} && {command}; rc=$?; cp -a {disk}/. {left}/; exit $rc"
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def convert_cmd(*args):
+    return shlex.join([sys.executable, "-m", "scaling.convert", *map(str, args)])
+
+
+needs_tmpfs = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and a tmpfs mount (a mount namespace)")
+
+
+@needs_tmpfs
+@pytest.mark.parametrize("to, dst", [("pt", "out.pt"), ("hf", "hf")])
+def test_convert_onto_a_full_disk_is_one_line_and_leaves_nothing_behind(to, dst, tmp_path):
+    big = weights_file(tmp_path / "big.pt", 128)  # ~1.8 MB onto 1 MB
+    dst = tmp_path / "disk" / dst
+    p = on_a_small_disk(tmp_path, convert_cmd(big, dst, "--to", to))
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"error: writing {dst}") and "failed: no space left on device" in p.stderr, p.stderr
+    assert p.stderr.endswith(f"{dst} was not created\n"), p.stderr
+    assert list((tmp_path / "left").iterdir()) == []  # no partial file, no temporary, no empty folder
+
+
+@needs_tmpfs
+def test_convert_overwrite_onto_a_full_disk_keeps_the_old_destination(tmp_path):
+    big, small = weights_file(tmp_path / "big.pt", 128), weights_file(tmp_path / "small.pt", 16)
+    dst = tmp_path / "disk" / "out.pt"
+    p = on_a_small_disk(tmp_path, f"cp {small} {dst} && " + convert_cmd(big, dst, "--overwrite"))
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == f"error: writing {dst} failed: no space left on device; {dst} is unchanged\n"
+    assert files(tmp_path / "left") == {"out.pt": small.read_bytes()}
 
 
 # scaling.sample: its arguments are checked before generate() could fail on them (or sample

@@ -29,6 +29,68 @@ def test_split_loss_of_a_run_matches_its_own_validation(shakespeare_model, data_
     assert r["tokens"] == 8 * 64 and r["loss"] == pytest.approx(val[-1]["val_loss"], rel=1e-4)
 
 
+def test_split_loss_uses_the_models_block_size_by_default_and_says_so(shakespeare_model, data_root):
+    p = run_module("scaling.eval", shakespeare_model, "loss", "--data", data_root / "shakes", "--sequences", 2,
+                   check=True)
+    r = json.loads(p.stdout)
+    assert r["seq_len"] == 64 and r["tokens"] == 2 * 64  # tiny.yaml: block_size 64
+
+
+def test_split_loss_refuses_a_seq_len_longer_than_the_models_block_size(shakespeare_model, data_root):
+    p = run_module("scaling.eval", shakespeare_model, "loss", "--data", data_root / "shakes", "--seq-len", 128)
+    assert p.returncode == 2 and p.stderr == "error: --seq-len 128: longer than the model's block_size 64\n", p.stderr
+
+
+def token_data(path, name, vocab_size, ids, **meta):
+    """A prepared dataset whose meta.json names tokenizer name with vocab_size (and meta), holding ids."""
+    from types import SimpleNamespace
+    from scaling.prepare import SplitWriter, write_meta
+    path.mkdir()
+    w = SplitWriter(path, "val", vocab_size)
+    w.write(np.asarray(ids, dtype=np.uint32))
+    write_meta(path, SimpleNamespace(name=name, vocab_size=vocab_size, eot=vocab_size - 1), {"val": w.close()},
+               source="test", **meta)
+    return path
+
+
+@pytest.mark.parametrize("weights", ["run", "pt"])
+def test_split_loss_refuses_data_of_another_tokenizer(weights, shakespeare_model, tmp_path):
+    # A byte-level model (a run, or our .pt converted from it) on GPT-2 BPE tokens: ids up to 50256.
+    data = token_data(tmp_path / "bpe", "gpt2", 50257, np.arange(0, 50257, 97))
+    model = shakespeare_model
+    if weights == "pt":
+        model = tmp_path / "model.pt"
+        run_module("scaling.convert", shakespeare_model, model, check=True)
+    p = run_module("scaling.eval", model, "loss", "--data", data, "--sequences", 2)
+    assert p.returncode == 2 and p.stderr == (f"error: --data {data} holds 'gpt2' tokens (vocab_size 50257, its "
+                                              "meta.json); the model was trained on 'byte' tokens (vocab_size 257, "
+                                              "its tokenizer.json)\n"), p.stderr
+
+
+def test_split_loss_refuses_a_char_dataset_of_another_alphabet(tmp_path):
+    # The same tokenizer name, another alphabet: the ids mean other characters, and 'd' (id 3) is
+    # past the model's 3-row embedding.
+    from scaling.model import GPT, GPTConfig
+    from scaling.weights import write_weights
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=3))
+    write_weights(model.state_dict(), model.cfg, tmp_path / "abc.pt", "pt",
+                  tokenizer={"name": "char", "vocab_size": 3, "eot": None, "chars": "abc"})
+    data = token_data(tmp_path / "abcd", "char", 4, np.arange(4).repeat(20), chars="abcd")
+    p = run_module("scaling.eval", tmp_path / "abc.pt", "loss", "--data", data, "--sequences", 2)
+    assert p.returncode == 2 and p.stderr == (f"error: --data {data} holds 'char' tokens (vocab_size 4, its "
+                                              "meta.json); the model was trained on 'char' tokens with another "
+                                              "alphabet (vocab_size 3, its tokenizer.json)\n"), p.stderr
+
+
+def test_split_loss_of_weights_without_a_tokenizer_refuses_ids_past_their_vocabulary(shakespeare_model, tmp_path):
+    # A Hugging Face export of the byte model keeps no tokenizer: only the range can be checked.
+    run_module("scaling.convert", shakespeare_model, tmp_path / "hf", "--to", "hf", check=True)
+    data = token_data(tmp_path / "bpe", "gpt2", 50257, np.arange(0, 50257, 97))
+    p = run_module("scaling.eval", tmp_path / "hf", "loss", "--data", data, "--sequences", 2)
+    assert p.returncode == 2 and p.stderr == (f"error: --data {data} holds 'gpt2' tokens (vocab_size 50257, its "
+                                              "meta.json), ids the model's 257-token vocabulary does not have\n"), p.stderr
+
+
 def hellaswag_file(path):
     """Four examples in HellaSwag's real format. In each, one ending is Shakespeare's own next
     line and three are noise of its length; the labels mark Shakespeare's line in examples 0, 1 and 3 but a
@@ -58,6 +120,15 @@ def test_hellaswag_scores_by_completion_loss(shakespeare_model, tmp_path):
     assert r["examples"] == 4 and r["acc"] == 0.75 and r["acc_norm"] == 0.75
 
 
+def test_hellaswag_of_weights_without_a_tokenizer_refuses_a_model_smaller_than_gpt2s_vocabulary(
+        shakespeare_model, tmp_path):
+    # Such weights are scored with GPT-2's tokenizer; the byte model's 257 rows cannot take its ids.
+    run_module("scaling.convert", shakespeare_model, tmp_path / "hf", "--to", "hf", check=True)
+    p = run_module("scaling.eval", tmp_path / "hf", "hellaswag", "--file", hellaswag_file(tmp_path / "hs.jsonl"))
+    assert p.returncode == 2 and p.stderr == ("error: the model has 257 token ids, fewer than GPT-2's tokenizer "
+                                              "(50257), which weights without a tokenizer.json are scored with\n"), p.stderr
+
+
 def test_hellaswag_offline_is_one_line_pointing_at_a_local_file(tmp_path, monkeypatch, capsys):
     import scaling.eval
     monkeypatch.setattr(scaling.eval, "HELLASWAG_URL", "http://127.0.0.1:9/hellaswag_val.jsonl")  # refused
@@ -82,6 +153,14 @@ def test_a_bad_hellaswag_file_is_one_line_naming_it(content, message, tmp_path):
         f.write_text(content)
     p = run_module("scaling.eval", tmp_path / "model", "hellaswag", "--file", f)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: " + message.format(f=f)), p.stderr
+
+
+@pytest.mark.parametrize("opt", ["--seq-len", "--sequences", "--batch", "--limit"])
+def test_a_count_below_one_is_one_line_naming_it(opt, tmp_path, capsys):
+    from scaling.eval import main
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "model"), "loss", "--data", str(tmp_path), opt, "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {opt}: must be >= 1, got 0\n"
 
 
 def test_eval_of_missing_weights_is_a_one_line_error(tmp_path):
