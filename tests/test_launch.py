@@ -136,6 +136,42 @@ def test_a_stop_save_longer_than_torchruns_30_s_still_commits_and_the_requeued_j
         assert not [p for p in (tmp_path / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")]
 
 
+# Node 1's worker stops itself (SIGSTOP) at step 5, as a frozen process would: it can neither
+# time out nor take a SIGTERM.
+FREEZE_NODE_1 = """
+import os, signal
+if os.environ.get("SLURM_NODEID") == "1" and os.environ.get("LOCAL_RANK") is not None:
+    from scaling.loader import DataLoader
+    next_step, calls = DataLoader.next_step, []
+    def frozen_at_5(self):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return next_step(self)
+    DataLoader.next_step = frozen_at_5
+"""
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_on_one_node_ends_the_whole_job_through_the_collective_timeout(slurm, data_root, tmp_path):
+    """Rank 0 times out (parallel.timeout_s=10) and exits; srun's --kill-on-bad-exit ends the other
+    node's step, the frozen process included. The job fails (it is not requeued: nothing asked it
+    to stop) and leaves no training process behind."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FREEZE_NODE_1)
+    env = {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}", "SCALING_PREFLIGHT": "0"}
+    job = sbatch(slurm, tmp_path, data_root, "--train.max_steps=100000", "--parallel.timeout_s=10",
+                 "--logging.every=1", "--train.eval_every=0", env=env)
+    j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)  # a hang bound
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    logs = "".join(f.read_text() for f in (tmp_path / "logs").iterdir())
+    assert j["JobState"] == "FAILED" and int(j["Restarts"]) == 0, out + logs
+    assert "another rank died or hung past parallel.timeout_s" in logs, logs
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not left, subprocess.run(["ps", "-o", "pid,stat,args", "-p", ",".join(left)], capture_output=True,
+                                    text=True).stdout
+
+
 # Node 1 as a broken node: another torch, and a run folder it cannot write to.
 BROKEN_NODE_1 = """
 import os, pathlib
