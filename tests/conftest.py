@@ -63,6 +63,25 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """tmpfs(options) -> a fresh tmpfs folder mounted with those options (e.g. "ro,size=1m" or
+    "size=64k" for a disk that fills); needs root, as in CI, or the test skips."""
+    points = []
+
+    def make(options):
+        point = tmp_path / f"tmpfs{len(points)}"
+        point.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        if p.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
+        points.append(point)
+        return point
+    yield make
+    for point in points:
+        subprocess.run(["umount", str(point)])
+
+
 TINY = ROOT / "tests" / "tiny.yaml"
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # A recipe shrunk in size only, for tests that run recipes as users do: 2 layers, 2 heads,

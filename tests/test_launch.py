@@ -326,18 +326,6 @@ def test_a_run_folder_rank_0_cannot_write_is_one_problem_not_also_a_foreign_fold
 
 
 
-@pytest.fixture
-def read_only_disk(tmp_path):
-    """A read-only tmpfs folder; needs root (as in CI) or skips."""
-    point = tmp_path / "ro"
-    point.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(point)], capture_output=True)
-    if p.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
-    yield point
-    subprocess.run(["umount", str(point)])
-
-
 def preflight_problems(data_root, run_dir) -> list[str]:
     """One process (its own exit status and stderr: torchrun adds a traceback of its own to any
     failure); its problem lines, after checking that it reported them as problems."""
@@ -346,7 +334,8 @@ def preflight_problems(data_root, run_dir) -> list[str]:
     return [line for line in p.stdout.splitlines() if line.startswith("preflight: ")]
 
 
-def test_a_run_folder_on_a_read_only_disk_is_a_preflight_problem_not_a_traceback(data_root, read_only_disk):
+def test_a_run_folder_on_a_read_only_disk_is_a_preflight_problem_not_a_traceback(data_root, tmpfs):
+    read_only_disk = tmpfs("ro,size=64k")
     run_dir = read_only_disk / "run"
     assert f"preflight: run folder {run_dir} on node 0: not writable (Read-only file system)" in \
         preflight_problems(data_root, run_dir)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -281,32 +280,14 @@ def test_a_run_dir_that_is_a_file_is_one_line(data_root, tmp_path):
     assert "is a file" in one_line_error(train_cli(data_root, tmp_path / "f"))
 
 
-@pytest.fixture
-def mount(tmp_path):
-    """mount(options) -> a fresh tmpfs folder; needs root, as in CI."""
-    points = []
-
-    def make(options):
-        point = tmp_path / f"mnt{len(points)}"
-        point.mkdir()
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
-        if p.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
-        points.append(point)
-        return point
-    yield make
-    for point in points:
-        subprocess.run(["umount", str(point)])
-
-
-def test_a_read_only_run_folder_is_one_line(data_root, mount):
-    point = mount("ro,size=1m")
+def test_a_read_only_run_folder_is_one_line(data_root, tmpfs):
+    point = tmpfs("ro,size=1m")
     line = one_line_error(train_cli(data_root, point / "run"))
     assert "cannot write to" in line and "read-only" in line
 
 
-def test_disk_full_says_so_and_keeps_the_previous_checkpoint(data_root, mount):
-    point = mount("size=6m")  # a checkpoint of the tiny model with its optimizer is ~1.9 MB
+def test_disk_full_says_so_and_keeps_the_previous_checkpoint(data_root, tmpfs):
+    point = tmpfs("size=6m")  # a checkpoint of the tiny model with its optimizer is ~1.9 MB
     run_dir = point / "run"
     line = one_line_error(train_cli(data_root, run_dir, "--train.max_steps=50", "--checkpoint.every=1",
                                     "--checkpoint.keep=0"), code=1)  # a failure, not bad input
