@@ -6,12 +6,15 @@ pipeline tokenizes them in batches on every core (a pool of worker processes for
 appends the end-of-text token per document, and streams the ids into shards of SHARD_TOKENS
 tokens, so memory stays bounded whatever the corpus size.
 
+One preparation at a time per output: a lock file beside it (.<name>.lock) is held from before
+the first byte written to the end; a second preparation into the same folder is refused.
 Everything is written into a staging folder beside the output and moved in only once complete:
-a bad input, an error or a kill never costs the dataset already there. Each time a shard is
-finished, progress.json in the staging folder records how many documents are written and how far
-each split's open file goes; the same command run again continues from there (the open files cut
-back to that point), so an interrupted preparation ends byte-identical to an uninterrupted one.
---restart discards it. meta.json is written last and marks a complete dataset.
+a bad input, an error or a kill never costs the dataset already there, and no temporary file
+ever lands in the finished dataset. Each time a shard is finished, progress.json in the staging
+folder records how many documents are written and how far each split's open file goes; the same
+command run again continues from there (the open files cut back to that point), so an
+interrupted preparation ends byte-identical to an uninterrupted one. --restart discards it.
+meta.json is written last and marks a complete dataset.
 
 The embedded corpus lives here too: the Python standard library's own source, present on every
 machine that runs this code, so the demo needs no download.
@@ -19,14 +22,18 @@ machine that runs this code, so the demo needs no download.
 
 import argparse
 import collections
+import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +47,8 @@ from scaling.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
 
 SHARD_TOKENS = 100_000_000  # tokens per file before a split starts its next file
 PROGRESS = "progress.json"  # in the staging folder: where an interrupted preparation continues
+STRAYS = ("*.bin.tmp", "meta.json.tmp", "input.txt.tmp")  # what a crash or race in earlier versions left in a dataset
+STOP_SECONDS = 10  # after an error, how long the tokenizer workers get to end on SIGTERM before SIGKILL
 
 
 class SplitWriter:
@@ -116,10 +125,57 @@ def is_val(key: str, val_percent: int = 5) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100 < val_percent
 
 
-def staging_dir(out_dir: str | Path) -> Path:
-    """Beside out_dir (the same filesystem, so moving the files in is a rename)."""
+def beside(out_dir: str | Path, what: str) -> Path:
+    """.<name>.<what> next to out_dir: outside the dataset, on its filesystem (moving in is a rename)."""
     out_dir = Path(out_dir).resolve()
-    return out_dir.with_name(f".{out_dir.name}.partial")
+    return out_dir.with_name(f".{out_dir.name}.{what}")
+
+
+def staging_dir(out_dir: str | Path) -> Path:
+    return beside(out_dir, "partial")
+
+
+class Busy(DataError):
+    """Another process is preparing the same output folder."""
+
+
+_held = {}  # output folder -> its open lock file, while this process prepares it
+
+
+@contextlib.contextmanager
+def preparing(out_dir: str | Path, wait: bool = False):
+    """Hold out_dir for this process's preparation; refuse (or with wait, wait) while another
+    process holds it. A POSIX lock on .<name>.lock beside it: the kernel releases it when its
+    holder dies, also over NFS. The file is never deleted: a process waiting on it would then hold
+    a lock on a file nobody else sees. Re-entrant: main() holds it around a download, then
+    write_dataset() again around the tokens."""
+    key = Path(out_dir).resolve()
+    if key in _held:
+        yield
+        return
+    key.parent.mkdir(parents=True, exist_ok=True)
+    f = open(beside(key, "lock"), "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        if not wait:
+            f.close()
+            raise Busy(f"{out_dir} is being prepared by another process ({holder}); wait for it to finish, "
+                       "or prepare into another folder") from None
+        print(f"waiting for the preparation of {out_dir} by another process ({holder}) ...", flush=True)
+        fcntl.lockf(f, fcntl.LOCK_EX)
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}")
+    f.flush()
+    _held[key] = f
+    try:
+        yield
+    finally:
+        del _held[key]
+        f.close()  # releases the lock
 
 
 def write_dataset(out_dir: str | Path, tokenizer, docs: Documents, workers: int | None = None,
@@ -133,57 +189,58 @@ def write_dataset(out_dir: str | Path, tokenizer, docs: Documents, workers: int 
     out_dir's only when complete; an interrupted run left progress there to continue from.
     """
     out_dir = Path(out_dir)
-    staging = staging_dir(out_dir)
-    identity = json.loads(json.dumps({"input": docs.fingerprint, "tokenizer": tokenizer.name,
-                                      "vocab_size": tokenizer.vocab_size, "eot": eot,
-                                      "shard_tokens": shard_tokens, **extra}))
-    start, writers = begin(staging, identity, tokenizer.vocab_size, shard_tokens, restart)
-    if start:
-        print(f"continuing the interrupted preparation in {staging}: {start:,} documents done, "
-              f"{sum(len(w.files) for w in writers.values())} shard files kept")
-    try:
-        check_space(staging, docs, tokenizer, eot)
-        done = start
-        bar = progress(docs.total, f"tokenizing {out_dir.name}", initial=start)
+    with preparing(out_dir):  # before the first byte written: another process may be preparing it
+        staging = staging_dir(out_dir)
+        identity = json.loads(json.dumps({"input": docs.fingerprint, "tokenizer": tokenizer.name,
+                                          "vocab_size": tokenizer.vocab_size, "eot": eot,
+                                          "shard_tokens": shard_tokens, **extra}))
+        start, writers = begin(staging, identity, tokenizer.vocab_size, shard_tokens, restart)
+        if start:
+            print(f"continuing the interrupted preparation in {staging}: {start:,} documents done, "
+                  f"{sum(len(w.files) for w in writers.values())} shard files kept")
+        try:
+            check_space(staging, docs, tokenizer, eot)
+            done = start
+            bar = progress(docs.total, f"tokenizing {out_dir.name}", initial=start)
 
-        def write(splits, job):
-            nonlocal done
-            for split, ids in zip(splits, job.get()):
-                if done + 1 == docs.total and "val" not in writers:
-                    split = "val"  # a corpus too small for its val fraction still validates on its last document
-                if split not in writers:
-                    writers[split] = SplitWriter(staging, split, tokenizer.vocab_size, shard_tokens)
-                closed = writers[split].closed
-                writers[split].write(ids)
-                done += 1
-                if writers[split].closed != closed:  # a shard finished: record where we are
-                    save_progress(staging, identity, done, writers)
-            bar.update(len(splits))
-            bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
+            def write(splits, job):
+                nonlocal done
+                for split, ids in zip(splits, job.get()):
+                    if done + 1 == docs.total and "val" not in writers:
+                        split = "val"  # a corpus too small for its val fraction still validates on its last document
+                    if split not in writers:
+                        writers[split] = SplitWriter(staging, split, tokenizer.vocab_size, shard_tokens)
+                    closed = writers[split].closed
+                    writers[split].write(ids)
+                    done += 1
+                    if writers[split].closed != closed:  # a shard finished: record where we are
+                        save_progress(staging, identity, done, writers)
+                bar.update(len(splits))
+                bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
 
-        in_flight = collections.deque()
-        with Encoder(tokenizer, workers or os.cpu_count() or 1, eot) as encoder:
-            for batch in batches(docs.read(start), batch_chars):
-                in_flight.append(([split for split, _ in batch], encoder.submit([text for _, text in batch])))
-                if len(in_flight) > encoder.depth:
+            in_flight = collections.deque()
+            with Encoder(tokenizer, workers or os.cpu_count() or 1, eot) as encoder:
+                for batch in batches(docs.read(start), batch_chars):
+                    in_flight.append(([split for split, _ in batch], encoder.submit([text for _, text in batch])))
+                    if len(in_flight) > encoder.depth:
+                        write(*in_flight.popleft())
+                while in_flight:
                     write(*in_flight.popleft())
-            while in_flight:
-                write(*in_flight.popleft())
-        bar.close()
-        splits = {s: w.close() for s, w in sorted(writers.items())}
-        for needed in ("train", "val"):
-            s = splits.get(needed, {"tokens": 0, "documents": 0})
-            if s["tokens"] <= (s["documents"] if eot and tokenizer.eot is not None else 0):  # end-of-text only
-                raise ValueError(f"no text for the {needed} split: is the input empty?")
-        (staging / PROGRESS).unlink(missing_ok=True)
-        meta = write_meta(staging, tokenizer, splits, docs.source, **extra)
-    except BaseException:  # out_dir was never touched; the shards done stay for the next run
-        if not (staging / PROGRESS).is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish(staging, out_dir)
-    check_complete(out_dir, meta, docs.complete)
-    return meta
+            bar.close()
+            splits = {s: w.close() for s, w in sorted(writers.items())}
+            for needed in ("train", "val"):
+                s = splits.get(needed, {"tokens": 0, "documents": 0})
+                if s["tokens"] <= (s["documents"] if eot and tokenizer.eot is not None else 0):  # end-of-text only
+                    raise ValueError(f"no text for the {needed} split: is the input empty?")
+            (staging / PROGRESS).unlink(missing_ok=True)
+            meta = write_meta(staging, tokenizer, splits, docs.source, **extra)
+        except BaseException:  # out_dir was never touched; the shards done stay for the next run
+            if not (staging / PROGRESS).is_file():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        publish(staging, out_dir, meta)
+        check_complete(out_dir, meta, docs.complete)
+        return meta
 
 
 def begin(staging: Path, identity: dict, vocab_size: int, shard_tokens: int, restart: bool):
@@ -273,23 +330,27 @@ def check_complete(out_dir: Path, meta: dict, complete: dict | None):
         print(f"warning: {out_dir} is incomplete: {'; '.join(short)} (source: {meta['source']})", file=sys.stderr)
 
 
-def publish(staging: Path, out_dir: Path):
+def publish(staging: Path, out_dir: Path, meta: dict):
     """Move a complete dataset from staging into out_dir, replacing the one there. Only renames
     on one filesystem, a few milliseconds: the old meta.json goes first, so that no reader ever
-    sees old and new files mixed, the new meta.json last. out_dir's other files (prepare.py, a
-    download) stay."""
+    sees old and new files mixed, the new meta.json last. Only the files meta.json names move in:
+    anything else in staging (a temporary no writer closed) is deleted with it, and temporaries
+    an earlier version left in out_dir go too. out_dir's other files (prepare.py, a download) stay."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         old = [f for s in load_meta(out_dir)["splits"].values() for f in s["files"]]
     except DataError:  # none, or unreadable: nothing to remove
         old = []
     (out_dir / "meta.json").unlink(missing_ok=True)
-    new = {f.name for f in staging.iterdir()}
-    for name in set(old) - new:
+    new = [f for s in meta["splits"].values() for f in s["files"]]
+    for name in set(old) - set(new):
         (out_dir / name).unlink(missing_ok=True)
-    for name in sorted(new - {"meta.json"}) + ["meta.json"]:
+    for pattern in STRAYS:
+        for f in out_dir.glob(pattern):
+            f.unlink()
+    for name in sorted(new) + ["meta.json"]:
         os.replace(staging / name, out_dir / name)
-    staging.rmdir()
+    shutil.rmtree(staging)
 
 
 def batches(docs, max_chars: int):
@@ -329,9 +390,29 @@ class Encoder:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        if self.pool is not None:
+    def __exit__(self, error, *_):
+        if self.pool is None:
+            return
+        if error is None:  # every result taken: the workers end on the pool's own end-of-work message
+            self.pool.close()
+            self.pool.join()
+            return
+        # Batches in flight: terminate() sends SIGTERM and waits for each worker. A worker that
+        # still runs a Python SIGTERM handler inherited from this process (scaling.distributed's
+        # StopSignal; the initializer resets it, but a worker may not have got that far) would
+        # never end, so the ones alive after STOP_SECONDS are killed outright.
+        kill = threading.Timer(STOP_SECONDS, self.kill_workers)
+        kill.start()
+        try:
             self.pool.terminate()
+        finally:
+            kill.cancel()
+            kill.join()
+
+    def kill_workers(self):
+        for p in list(self.pool._pool):  # the pool's worker processes
+            if p.exitcode is None:
+                p.kill()
 
 
 def encode_for_file(tokenizer, text: str, eot: bool):
@@ -354,7 +435,10 @@ _worker = None
 
 def _start_worker(eot: bool):
     global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to report
+    # Forked with the parent's handlers: a Python SIGTERM handler (StopSignal's only takes note)
+    # would keep terminate(), or a scheduler signalling the process group, from ending this worker.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process reports it
     _worker = (GPT2Tokenizer(), eot)
 
 
@@ -392,12 +476,13 @@ def shakespeare_text(a) -> str:
     import urllib.request
     raw = Path(a.out) / "input.txt"
     if not raw.is_file():
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        tmp = raw.with_name(raw.name + ".tmp")  # a broken download never looks complete
+        tmp = beside(a.out, "download")  # outside the dataset: a broken download never looks complete
         try:
             urllib.request.urlretrieve(SHAKESPEARE_URL, tmp)
         except NETWORK_ERRORS as e:
+            tmp.unlink(missing_ok=True)
             raise no_network(SHAKESPEARE_URL, e) from None
+        raw.parent.mkdir(parents=True, exist_ok=True)
         tmp.replace(raw)
     return read_text(raw)
 
@@ -483,8 +568,10 @@ def dataset_dir(cfg: Config) -> Path:
         if cfg.data.dataset != "embedded":
             raise DataError(f"dataset '{cfg.data.dataset}' is not prepared at {d}: "
                             f"run python data/{cfg.data.dataset}/prepare.py")
-        print(f"preparing the embedded corpus in {d} ...", flush=True)
-        prepare_embedded(d)
+        with preparing(d, wait=True):  # another run may be preparing it right now: use its result
+            if not (d / "meta.json").is_file():
+                print(f"preparing the embedded corpus in {d} ...", flush=True)
+                prepare_embedded(d)
     return d
 
 
@@ -528,7 +615,10 @@ def main(name: str | None = None, argv=None):
             return f"{message}; the shards done are kept in {staging}: the same command continues"
         return message
     try:
-        meta = DATASETS[name][0](a)
+        with preparing(a.out):  # before anything is written, the download included
+            meta = DATASETS[name][0](a)
+    except Busy as e:  # the staging folder is the other process's: nothing of ours is kept there
+        die(str(e))
     except KeyboardInterrupt:
         print(kept("interrupted"), file=sys.stderr)
         sys.exit(130)

@@ -3,11 +3,14 @@
 import json
 import os
 import random
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import pytest
@@ -179,7 +182,7 @@ def test_empty_input_exits_2_and_leaves_the_prepared_dataset_byte_identical(tmp_
     p = run_script("shakespeare_char", "--input", tmp_path / "empty.txt", "--out", tmp_path / "out", check=False)
     assert p.returncode == 2 and p.stderr == "error: no text for the train split: is the input empty?\n", p.stderr
     assert snapshot(tmp_path / "out") == before
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["empty.txt", "out"]  # no staging folder left
+    assert sorted(x.name for x in tmp_path.iterdir()) == [".out.lock", "empty.txt", "out"]  # no staging folder left
 
 
 def test_the_new_dataset_is_written_beside_out_and_moved_in_only_when_complete(tmp_path):
@@ -327,6 +330,155 @@ def test_an_interrupted_preparation_is_continued_only_by_the_same_command(owt_hu
     p = run_script("openwebtext", *args, "--shard-tokens", 20_000, "--restart")
     assert "continuing" not in p.stdout and load_meta(tmp_path / "out")["splits"]["train"]["files"][1] == "train_000001.bin"
     assert len(read_tokens(tmp_path / "out" / "train_000000.bin")) == 20_000
+
+
+# One preparation per output folder at a time, and nothing temporary in a finished dataset.
+
+def test_a_second_preparation_into_a_folder_being_prepared_exits_2_and_the_first_ends_intact(owt_hub, owt_whole,
+                                                                                              tmp_path):
+    args = ["--input", owt_hub, "--shard-tokens", 10_000, "--workers", 1, "--out", tmp_path / "out"]
+    staging = tmp_path / ".out.partial"
+    first = subprocess.Popen([sys.executable, str(ROOT / "data" / "openwebtext" / "prepare.py"), *map(str, args)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (staging / "progress.json").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)  # paused half-way through its ~140 shards, for as long as the second runs
+        kept = snapshot(staging)
+        second = run_script("openwebtext", *args, check=False)
+        assert snapshot(staging) == kept  # none of the first's files touched
+    finally:
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    assert second.returncode == 2 and second.stderr == (
+        f"error: {tmp_path / 'out'} is being prepared by another process (host {socket.gethostname()}, pid "
+        f"{first.pid}); wait for it to finish, or prepare into another folder\n"), second.stderr
+    assert first.returncode == 0, err
+    assert {f: b for f, (b, _) in snapshot(tmp_path / "out").items()} == owt_whole
+    assert not staging.exists()
+
+
+HOLD_AND_PREPARE = """
+import sys
+from scaling.prepare import preparing, write_dataset
+from scaling.sources import listed
+from scaling.tokenizer import ByteTokenizer
+with preparing(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.readline()
+    write_dataset(sys.argv[1], ByteTokenizer(), listed([("train", "some text"), ("val", "more")], "the holder's"))
+"""
+
+def first_line(p, timeout=120):
+    """p's first line of output, or "" if none comes in time: a regression fails instead of hanging."""
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    return p.stdout.readline() if ready else ""
+
+
+FIND_EMBEDDED = """
+import sys, types
+from scaling.data import load_meta
+from scaling.prepare import dataset_dir
+cfg = types.SimpleNamespace(data=types.SimpleNamespace(root=sys.argv[1], dataset="embedded"))
+print(load_meta(dataset_dir(cfg))["source"])
+"""
+
+
+def test_a_run_that_finds_the_embedded_corpus_being_prepared_waits_and_uses_it(tmp_path):
+    d = tmp_path / "embedded"
+    py = [sys.executable, "-c"]
+    holder = subprocess.Popen(py + [HOLD_AND_PREPARE, d], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    run = None
+    try:
+        assert first_line(holder) == "held\n"
+        run = subprocess.Popen(py + [FIND_EMBEDDED, tmp_path], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        assert first_line(run) == (f"waiting for the preparation of {d} by another process (host "
+                                   f"{socket.gethostname()}, pid {holder.pid}) ...\n")
+        holder.communicate("go\n", timeout=120)
+        out, err = run.communicate(timeout=120)
+    finally:
+        for p in (holder, run):
+            if p and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert holder.returncode == 0 and run.returncode == 0, err
+    assert out == "the holder's\n"  # the holder's dataset, not prepared a second time
+
+
+def test_a_finished_dataset_holds_no_temporary_file(tmp_path):
+    from scaling.prepare import write_dataset
+    from scaling.tokenizer import ByteTokenizer
+    out = tmp_path / "out"
+    write_dataset(out, ByteTokenizer(), listed([("train", "old train"), ("val", "old val")], "old"))
+    (out / "train_000002.bin.tmp").write_bytes(b"left in the dataset by an earlier version")
+
+    def docs():
+        for i in range(50):
+            if i == 25:  # a temporary no writer of this preparation closes (a racing process left it)
+                (tmp_path / ".out.partial" / "train_000009.bin.tmp").write_bytes(b"not ours")
+            yield ("val" if i % 10 == 0 else "train"), "new document " * 100
+    meta = write_dataset(out, ByteTokenizer(), listed(docs(), "new"), batch_chars=1000, shard_tokens=20_000)
+    files = [f for s in meta["splits"].values() for f in s["files"]]
+    assert len(files) > 2 and sorted(p.name for p in out.iterdir()) == sorted(files + ["meta.json"])
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_a_failed_download_leaves_no_temporary_file_in_or_beside_the_dataset_folder(tmp_path, monkeypatch, capsys):
+    import urllib.request
+    from scaling.prepare import main
+
+    def cut_off(url, filename):
+        Path(filename).write_text("First Citizen:\nBefore we proceed")  # what came before the connection dropped
+        raise ConnectionResetError("connection reset by peer")
+    monkeypatch.setattr(urllib.request, "urlretrieve", cut_off)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main("shakespeare", ["--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "error: no network: cannot download" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
+ENCODER_CYCLES = """
+import signal, sys
+from scaling.prepare import Encoder
+from scaling.tokenizer import GPT2Tokenizer
+signal.signal(signal.SIGTERM, lambda *_: None)  # as scaling.distributed.StopSignal does: a SIGTERM is only noted
+tok, text = GPT2Tokenizer(), open(sys.argv[1]).read()[:200_000]
+for _ in range(4):
+    with Encoder(tok, 3, True) as enc:
+        workers = list(enc.pool._pool)
+        enc.submit(["hello"]).get()
+    print("ended", [p.exitcode for p in workers])
+for _ in range(2):
+    try:
+        with Encoder(tok, 3, True) as enc:
+            workers = list(enc.pool._pool)
+            for _ in range(6):
+                enc.submit([text])
+            raise RuntimeError("a failure with batches in flight")
+    except RuntimeError:
+        print("stopped", [p.exitcode is not None for p in workers])
+"""
+
+
+def test_the_tokenizer_pool_closes_even_when_its_workers_inherit_a_python_sigterm_handler():
+    # In a process of its own, so that the handler does not stay in this one. A regression hangs:
+    # the timeout makes it a failure, and the process group (the pool's workers too) is killed.
+    p = subprocess.Popen([sys.executable, "-c", ENCODER_CYCLES, str(SHAKESPEARE)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail("the encoder's pool did not close")
+    assert p.returncode == 0, err
+    # Ended by the pool's own end-of-work message (exit code 0), not a signal; after an error, ended.
+    assert out.splitlines() == ["ended [0, 0, 0]"] * 4 + ["stopped [True, True, True]"] * 2
 
 
 def can_mount_tmpfs():
