@@ -23,6 +23,7 @@ machine that runs this code, so the demo needs no download.
 import argparse
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -627,7 +628,8 @@ def main(name: str | None = None, argv=None):
             e = ConnectionError(f"lost the network while reading: {type(e).__name__}: {e}")
         if not isinstance(e, (OSError, ValueError)):
             raise
-        die(kept(" ".join(str(e).split())))  # one line, whatever the library put in its message
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC  # the disk failed, not the input
+        die(kept(" ".join(str(e).split())), code=1 if full else 2)  # one line, whatever the library put in it
     counts = ", ".join(f"{s} {v['tokens']:,} tokens in {len(v['files'])} file(s)" for s, v in meta["splits"].items())
     print(f"{name}: {counts} -> {a.out} ({time.perf_counter() - t0:.1f}s)")
 
