@@ -46,18 +46,25 @@ def launch(argv: list[str]) -> tuple[int, str]:
         failures, stopped_by = e.failures, None
     except SignalException as e:
         failures, stopped_by = {}, signal.Signals(e.sigval).name
-    saved = len(list(marks.glob("rank*")))
-    if saved == config.nproc_per_node:
+    return outcome(failures, len(list(marks.glob("rank*"))), config.nproc_per_node, stopped_by)
+
+
+def outcome(failures: dict, saved: int, nproc: int, stopped_by: str | None) -> tuple[int, str]:
+    """(exit code, line) of a torchrun that did not end well. failures: torchrun's record of the
+    workers that failed, by rank; saved: how many of this node's nproc workers marked a clean stop;
+    stopped_by: the signal torchrun itself got, if that is what ended it."""
+    if saved == nproc:
         return EXIT_PREEMPTED, (f"launch: all {saved} workers saved their step and stopped: exit "
                                 f"{EXIT_PREEMPTED} (run the same command to resume)")
     if stopped_by:
-        return 1, (f"error: launch: {stopped_by} ended the workers; {saved} of {config.nproc_per_node} saved "
+        return 1, (f"error: launch: {stopped_by} ended the workers; {saved} of {nproc} saved "
                    "their step first (the newest complete checkpoint is intact)")
-    codes = {f.exitcode for f in failures.values()}
-    if codes == {2}:  # bad input: every worker (or rank 0, with the others following) said why
+    # After the first failure torchrun ends the other workers with SIGTERM: those are not causes.
+    causes = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    if {f.exitcode for f in causes.values()} == {2}:  # bad input: the workers (or rank 0) said why
         return 2, ""
     # Name one failure: a worker killed by a signal first (it could not say why itself), else the first.
-    rank, worst = min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp))
+    rank, worst = min(causes.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp))
     how = f"was killed by {worst.signal_name()}" if worst.exitcode < 0 else f"exited with code {worst.exitcode}"
     return 1, f"error: launch: worker rank {rank} (pid {worst.pid}) {how}; the lines above say why"
 

@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
 from conftest import ROOT, read_metrics, tiny_args
 from scaling.checkpoint import checkpoints
 from scaling.distributed import EXIT_PREEMPTED
+from scaling.launch import outcome
 from test_checkpoint import kill_all, worker_pid
 
 FSDP2 = ["--parallel.dp_shard=2", "--train.global_batch_size=8", "--train.micro_batch_size=2",
@@ -65,3 +68,18 @@ def test_bad_input_under_the_launcher_exits_2_without_a_traceback(data_root, tmp
     out, err = p.communicate(timeout=180)
     assert p.returncode == 2, (p.returncode, err[-3000:])
     assert "train.max_stepz" in err and "Traceback" not in out + err and "ChildFailedError" not in err, err
+
+
+def failure(rank: int, exitcode: int):
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="")
+
+
+def test_bad_input_on_one_rank_is_exit_2_even_when_torchrun_then_ends_the_other_with_sigterm():
+    """Seen under load: rank 0 refused a key and exited 2 before rank 1 did; torchrun's shutdown
+    SIGTERM ended rank 1. The SIGTERM is torchrun's, not a cause."""
+    assert outcome({0: failure(0, 2), 1: failure(1, -signal.SIGTERM)}, 0, 2, None) == (2, "")
+
+
+def test_a_worker_killed_by_the_oom_killer_is_named_rather_than_the_one_torchrun_then_stopped():
+    code, line = outcome({0: failure(0, -signal.SIGTERM), 1: failure(1, -signal.SIGKILL)}, 0, 2, None)
+    assert code == 1 and line.startswith("error: launch: worker rank 1 (pid 1001) was killed by SIGKILL")
