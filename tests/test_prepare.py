@@ -286,8 +286,11 @@ def test_a_hub_layout_folder_prepares_identically_cached_and_streamed(owt_hub, o
 
 def start_and_interrupt(args, staging, sig, delay, env=None):
     """Start a preparation and send it `sig` `delay` seconds after it finished its first shard."""
+    # Ctrl-C as from a terminal: a job started in the background of a non-interactive shell (a CI
+    # runner's, say) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
     p = subprocess.Popen([sys.executable, str(ROOT / "data" / "openwebtext" / "prepare.py"), *map(str, args)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (staging / "progress.json").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.005)
