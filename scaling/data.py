@@ -109,6 +109,13 @@ def read_tokens(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
+def tokenizer_spec(meta: dict) -> dict:
+    """The tokenizer as checkpoints record it (tokenizer.json): name, vocab_size, eot, chars."""
+    spec = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}
+    spec["name"] = spec.pop("tokenizer")
+    return spec
+
+
 def load_meta(data_dir: str | Path) -> dict:
     """meta.json, checked here once so that every reader may index it without a traceback, and
     checked against itself and its token files' headers (64 bytes each, never the tokens): a

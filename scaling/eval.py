@@ -67,10 +67,11 @@ def check_data(data_dir: str, tok: dict | None, model) -> None:
     once one is past the model's vocabulary. tok: the model's tokenizer.json, None where its
     weights do not say (then only the range is checked). TokenWindows checks every id against
     meta.json's vocab_size, so checking that against the model's closes the gap."""
-    from scaling.data import load_meta
+    from scaling.checkpoint import tokenizer_change
+    from scaling.data import load_meta, tokenizer_spec
     meta = load_meta(data_dir)
     theirs = f"'{meta['tokenizer']}' tokens (vocab_size {meta['vocab_size']}, its meta.json)"
-    if tok is not None and (tok["name"] != meta["tokenizer"] or tok.get("chars") != meta.get("chars")):
+    if tok is not None and (why := tokenizer_change(tok, tokenizer_spec(meta))):  # the test a resume makes
         other = " with another alphabet" if tok["name"] == meta["tokenizer"] else ""
         raise ValueError(f"--data {data_dir} holds {theirs}; the model was trained on '{tok['name']}' tokens"
                          f"{other} (vocab_size {tok['vocab_size']}, its tokenizer.json)")

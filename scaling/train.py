@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from scaling import checkpoint, distributed
 from scaling.checkpoint import CheckpointError, resume_from, train_state
 from scaling.config import Config, ConfigError, die, main_with_config, model_config, to_dict
-from scaling.data import DataError, TokenWindows, load_meta
+from scaling.data import DataError, TokenWindows, load_meta, tokenizer_spec
 from scaling.eval import mean_loss
 from scaling.guards import NonFinite, NonFiniteSteps, SpikeGuard
 from scaling.loader import DataLoader, worker_death
@@ -93,8 +93,7 @@ def open_dataset(cfg: Config, env: distributed.Env) -> tuple[Path, dict, dict, o
     meta = load_meta(data_dir)
     check_vocab(cfg, meta)
     cfg.model.vocab_size = cfg.model.vocab_size or meta["vocab_size"]  # recorded in config.yaml
-    spec = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}
-    spec["name"] = spec.pop("tokenizer")
+    spec = tokenizer_spec(meta)
     tok = None  # only sampling needs it (GPT-2's BPE files may not be reachable from a GPU node)
     if cfg.logging.sample_tokens:  # a bad prompt or missing BPE files found now, not after training
         tok = get_tokenizer(spec["name"], spec)
