@@ -171,7 +171,8 @@ def test_sigterm_to_every_process_of_a_run_saves_and_exits_for_a_requeue(data_ro
     assert step_of(checkpoints(tmp_path)[-1]) >= 3
 
 
-@pytest.mark.parametrize("attempt", range(8))  # where the kill lands varies: a torch error, EOF, a reset
+# Where the kill lands varies (a torch error, EOF, a reset): three tries here, eight in the slow tier.
+@pytest.mark.parametrize("attempt", [pytest.param(k, marks=pytest.mark.slow) if k >= 3 else k for k in range(8)])
 def test_a_killed_loader_worker_stops_the_run_with_one_line_and_exit_1(attempt, data_root, tmp_path):
     p = start_training(data_root, tmp_path)
     wait_for_steps(p, tmp_path, 3)
