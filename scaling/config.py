@@ -235,8 +235,12 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
     return out
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Recipe file (may be None for all defaults) + overrides -> validated Config."""
+def load_config(path: str | None, overrides: list[str] = (), world: int | None = None,
+                per_node: int | None = None) -> Config:
+    """Recipe file (may be None for all defaults) + overrides -> validated Config.
+
+    world and per_node (processes in all and on each node) default to what the launcher
+    announced; give them to check a recipe at a layout without launching it."""
     cfg = Config()
     if path is not None:
         p = Path(path)
@@ -260,11 +264,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
                 _set(cfg, f"{section}.{k}", v)
     for key, value in parse_overrides(list(overrides)):
         _set(cfg, key, value)
-    resolve(cfg)
+    resolve(cfg, world, per_node)
     return cfg
 
 
-def resolve(cfg: Config):
+def resolve(cfg: Config, world: int | None = None, per_node: int | None = None):
     """Fill derived values and check the combinations a single field cannot check."""
     m, t, o = cfg.model, cfg.train, cfg.optim
     if m.size is not None:
@@ -286,11 +290,8 @@ def resolve(cfg: Config):
     if t.seq_len > m.block_size:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.block_size={m.block_size}")
     if t.global_batch_size is not None:
-        _positive(cfg, "train.global_batch_size")
-        if t.global_batch_size % t.micro_batch_size:
-            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                              f"train.micro_batch_size={t.micro_batch_size}")
-    _resolve_parallel(cfg)
+        _positive(cfg, "train.global_batch_size")  # its divisibility needs the layout: _resolve_parallel
+    _resolve_parallel(cfg, world, per_node)
     _check_optim(o)
     if t.grad_clip < 0:  # a negative clip coefficient flips every gradient: gradient ascent
         raise ConfigError(f"train.grad_clip: must be >= 0 (0 disables clipping), got {t.grad_clip}")
@@ -309,15 +310,15 @@ def resolve(cfg: Config):
         cfg.logging.run_dir = f"runs/{cfg.name}"
 
 
-def _resolve_parallel(cfg: Config):
-    """Replace -1 degrees by numbers for the world size the launcher set, and check the layout
-    against the model and the batch before any process group exists."""
+def _resolve_parallel(cfg: Config, world: int | None, per_node: int | None):
+    """Replace -1 degrees by numbers for the world size (by default the one the launcher set), and
+    check the layout against the model and the batch before any process group exists."""
     from scaling.distributed import local_world_size, world_size
     from scaling.parallel.dims import check_model, resolve_dims
 
     p, t = cfg.parallel, cfg.train
-    dims = resolve_dims(p, world_size())
-    per_node = local_world_size()
+    dims = resolve_dims(p, world or world_size())
+    per_node = per_node or local_world_size()
     if per_node and per_node % dims.tp:
         raise ConfigError(f"parallel.tp: {dims.tp} does not fit the {per_node} processes per node "
                           "(tensor-parallel groups stay inside a node)")
@@ -331,9 +332,32 @@ def _resolve_parallel(cfg: Config):
         t.global_batch_size = per_step
     elif t.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dims.dp}")
+                          f"train.micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dims.dp}; "
+                          + _batch_fixes(t.global_batch_size, t.micro_batch_size, dims.dp))
     if p.ac_every < 1:
         raise ConfigError(f"parallel.ac_every: must be > 0, got {p.ac_every}")
+
+
+def _batch_fixes(batch: int, micro: int, dp: int) -> str:
+    """What would divide: the micro batch sizes nearest the given one (two below, two above) that
+    split each rank's share of the batch, and the global batches nearest this one that micro x dp
+    divides."""
+    fixes = []
+    if batch % dp == 0:
+        share = batch // dp
+        sizes = sorted({d for i in range(1, math.isqrt(share) + 1) if share % i == 0 for d in (i, share // i)})
+        near = [m for m in sizes if m < micro][-2:] + [m for m in sizes if m > micro][:2]
+        fixes.append(f"train.micro_batch_size {_or(near)}")
+    step = micro * dp
+    below = batch // step * step
+    fixes.append(f"a global batch of {_or([b for b in (below, below + step) if b > 0])}")
+    return "use " + ", or ".join(fixes)
+
+
+def _or(numbers: list[int]) -> str:
+    """[6, 10, 15] -> '6, 10 or 15'."""
+    words = [str(n) for n in numbers]
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
 def _check_optim(o: OptimConfig):

@@ -36,9 +36,24 @@ def test_n_embd_not_divisible_by_n_head_is_rejected():
     assert_cli_error([DEMO, "--model.n_head=3"], "model.n_embd", "not divisible", "n_head=3")
 
 
-def test_global_batch_not_divisible_by_micro_batch_is_rejected():
+def test_global_batch_not_divisible_by_micro_batch_names_the_sizes_that_divide():
     assert_cli_error([DEMO, "--train.global_batch_size=20", "--train.micro_batch_size=8"],
-                     "train.global_batch_size", "20", "micro_batch_size=8")
+                     "error: train.global_batch_size: 20 is not divisible by train.micro_batch_size x "
+                     "data-parallel ranks = 8 x 1; use train.micro_batch_size 4, 5, 10 or 20, or a global batch of 16 or 24")
+
+
+def test_batch_error_at_the_launchers_16_ranks_names_the_sizes_that_divide():
+    # The flagship recipe's former micro batch of 12 on `sbatch launch/slurm_gpt2.sh`'s 2 nodes x 8 GPUs.
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "recipes" / "gpt2_124m_fsdp.yaml", ["--train.micro_batch_size=12"], world=16)
+    assert str(e.value) == ("train.global_batch_size: 480 is not divisible by train.micro_batch_size x data-parallel "
+                            "ranks = 12 x 16; use train.micro_batch_size 6, 10, 15 or 30, or a global batch of 384 or 576")
+
+
+def test_batch_that_no_micro_batch_splits_over_the_ranks_names_only_global_batches():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["--train.global_batch_size=9", "--train.micro_batch_size=3"], world=2)
+    assert str(e.value).endswith("= 3 x 2; use a global batch of 6 or 12")
 
 
 def test_unknown_section_in_recipe_file_is_rejected(tmp_path):

@@ -7,14 +7,20 @@ width 32, 32 positions), the batch and the number of steps shrink. Its layout ke
 it names (-1 or more than 1 become 2; a degree it leaves out stays 1), so an FSDP x TP(5) recipe
 runs FSDP(2) x TP(2) in 4 processes. It trains 4 steps, evaluates, checkpoints, samples, then
 the same command with 2 more steps resumes. A recipe added later is picked up by the glob.
+
+Before that, every recipe resolves at the full-size layout its header states, and the Slurm
+launcher's default recipe at the launcher's default layout: a batch that does not divide over
+the ranks fails here, not on a rented cluster.
 """
 
 import math
+import re
 
 import pytest
 import yaml
 
-from conftest import RECIPES, SHRUNK, read_metrics, run_module, run_torchrun, tiny_hf_gpt2
+from conftest import RECIPES, ROOT, SHRUNK, read_metrics, run_module, run_torchrun, tiny_hf_gpt2
+from scaling.config import load_config
 
 DEGREES = ("dp_replicate", "dp_shard", "tp")
 
@@ -43,10 +49,20 @@ def hf_dir(tmp_path_factory):
     return tiny_hf_gpt2(tmp_path_factory.mktemp("hf_gpt2"))
 
 
+# In the slow tier: the HSDP recipes shrink to the HSDP(2x2) the layout matrix already runs, and
+# the 350M and 774M FSDP recipes to the FSDP(2) of gpt2_124m_fsdp, from which they differ only in
+# model size (shrunk away), learning rate and batch. gpt2_124m_ddp and gpt2_xl_fsdp_tp shrink to
+# DDP(2) and FSDP(2) x TP(2), which the layout matrix in tests/test_parallel.py runs in the default
+# tier against one process (ddp2, fsdp2_tp2); gpt2_124m_ddp differs from gpt2_124m_fsdp only there.
+SLOW_TIER = ("gpt2_774m_hsdp", "gpt2_xl_hsdp", "gpt2_350m_fsdp", "gpt2_774m_fsdp", "gpt2_124m_ddp", "gpt2_xl_fsdp_tp")
+
+
 def first_recipe_per_layout() -> set:
-    """One recipe of each shrunk layout: the one whose samples are checked against one process."""
+    """One recipe of each shrunk layout: the one whose samples are checked against one process,
+    from the default tier where the layout has one there (DDP(2), HSDP(2x2) and FSDP(2) x TP(2)
+    have only slow-tier recipes)."""
     seen = {}
-    for r in RECIPES:
+    for r in sorted(RECIPES, key=lambda r: r.stem in SLOW_TIER):  # stable: default tier first
         seen.setdefault(tuple(shrunk_layout(yaml.safe_load(r.read_text())).values()), r)
     return set(seen.values())
 
@@ -64,10 +80,54 @@ def test_every_recipe_is_found():
     assert len(RECIPES) >= 9 and all(r.suffix == ".yaml" for r in RECIPES)
 
 
-# In the slow tier: the HSDP recipes shrink to the HSDP(2x2) the layout matrix already runs, and
-# the 350M and 774M FSDP recipes to the FSDP(2) of gpt2_124m_fsdp, from which they differ only in
-# model size (shrunk away), learning rate and batch.
-SLOW_TIER = ("gpt2_774m_hsdp", "gpt2_xl_hsdp", "gpt2_350m_fsdp", "gpt2_774m_fsdp")
+# "# Layout: 2 nodes x 8 GPUs", "# Layout: 1 GPU", "# Layout: 1 CPU machine, 2 processes"
+LAYOUT = re.compile(r"# Layout: (?:(\d+) (?:nodes? x|CPU machines?,) )?(\d+) (?:GPUs?|process(?:es)?)")
+
+
+def layout_lines(recipe) -> list[str]:
+    header = []
+    for line in recipe.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    return [line for line in header if line.startswith("# Layout:")]
+
+
+def documented_layout(recipe) -> tuple[int, int]:
+    """(nodes, processes per node) from the recipe's header."""
+    nodes, per_node = LAYOUT.fullmatch(layout_lines(recipe)[0]).groups()
+    return int(nodes or 1), int(per_node)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_header_states_its_layout_in_one_line(recipe):
+    lines = layout_lines(recipe)
+    assert len(lines) == 1 and LAYOUT.fullmatch(lines[0]), lines
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_resolves_at_the_layout_it_documents(recipe):
+    # The training run's own resolution and checks (degrees, TP inside a node, batch divisibility),
+    # at the full-size world: no process group, no processes.
+    nodes, per_node = documented_layout(recipe)
+    p = load_config(str(recipe), world=nodes * per_node, per_node=per_node).parallel
+    assert p.dp_replicate * p.dp_shard * p.tp == nodes * per_node
+
+
+def launcher_defaults() -> tuple[str, int, int]:
+    """The default recipe, nodes and GPUs per node of `sbatch launch/slurm_gpt2.sh`."""
+    text = (ROOT / "launch" / "slurm_gpt2.sh").read_text()
+    found = [re.search(pattern, text, re.M) for pattern in
+             (r"^RECIPE=\$\{1:-(\S+)\}$", r"^#SBATCH --nodes=(\d+)$", r"^#SBATCH --gpus-per-node=(\d+)$")]
+    assert all(found), "launch/slurm_gpt2.sh: default RECIPE, #SBATCH --nodes or --gpus-per-node not found"
+    recipe, nodes, per_node = (m.group(1) for m in found)
+    return recipe, int(nodes), int(per_node)
+
+
+def test_launchers_default_recipe_resolves_at_the_launchers_default_layout():
+    recipe, nodes, per_node = launcher_defaults()
+    p = load_config(str(ROOT / recipe), world=nodes * per_node, per_node=per_node).parallel
+    assert p.dp_replicate * p.dp_shard * p.tp == nodes * per_node
 
 
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r.stem in SLOW_TIER else r for r in RECIPES],
