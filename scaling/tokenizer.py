@@ -79,6 +79,44 @@ class GPT2Tokenizer:
         return self.enc.decode(list(ids))
 
 
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, as its vocab.json and merges.txt spell tokens:
+    printable Latin-1 bytes are themselves, the others (space, newline, controls) are shifted
+    to chr(256 + n) in byte order, so a space is 'Ġ' and a newline 'Ċ'."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out = {b: chr(b) for b in keep}
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + len(out) - len(keep))
+    return out
+
+
+def gpt2_vocab_and_merges(enc) -> tuple[dict[str, int], list[str]]:
+    """Hugging Face's GPT-2 tokenizer files (vocab.json's dict, merges.txt's lines) from tiktoken's
+    gpt2 Encoding. tiktoken keeps only each token's rank; the merge that made a token of rank r
+    is found by running BPE on its bytes with the merges ranked below r, which stops at the two
+    parts that r joins (this gives OpenAI's vocab.bpe line for line)."""
+    b2u = byte_to_unicode()
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in (enc.eot_token,)}
+    vocab = {"".join(b2u[b] for b in token): i for token, i in ranks.items()}
+    vocab["<|endoftext|>"] = enc.eot_token
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best = min(((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))))
+            if best[0] >= rank:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {rank} ({token!r}) is not one merge of two tokens")
+        merges.append(" ".join("".join(b2u[b] for b in p) for p in parts))
+    return vocab, merges
+
+
 TOKENIZERS = ("byte", "char", "gpt2")  # the names get_tokenizer knows
 
 

@@ -92,12 +92,134 @@ def ours_to_nanogpt(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torc
     return {k: v.t().contiguous() if k.endswith(NANOGPT_LINEARS) else v for k, v in hf.items()}
 
 
-def hf_config(c: GPTConfig) -> dict:
+def hf_config(c: GPTConfig, eot: int | None = 50256) -> dict:
+    """config.json. eot: the id that ends a document (GPT-2's 50256, the byte tokenizer's 256,
+    None for a char tokenizer): GPT2Config would otherwise default to 50256 whatever the vocabulary."""
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": c.n_layer,
             "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size, "n_ctx": c.block_size,
             "vocab_size": c.vocab_size, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
             "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-            "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
+            "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True}
+
+
+# Hugging Face GPT-2 tokenizer files. Each of them is either written by an export or removed from
+# a folder exported into with --overwrite: an old one would load as this model's tokenizer.
+HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                      "tokenizer.json", "added_tokens.json")
+EOT = "<|endoftext|>"
+
+
+def exports_gpt2_tokenizer(tok: dict | None, vocab_size: int) -> bool:
+    """Whether a Hugging Face export gets GPT-2's tokenizer files: the model was trained with GPT-2's
+    BPE, or its weights do not say and have GPT-2's 50257 ids (Hugging Face GPT-2 weights; eval
+    scores such weights with GPT-2's tokenizer too)."""
+    return (tok or {}).get("name") == "gpt2" or (tok is None and vocab_size == 50257)
+
+
+def tokenizer_note(tok: dict | None, vocab_size: int) -> str | None:
+    """One line on a Hugging Face export's tokenizer, unless it is the GPT-2 BPE the weights record:
+    that GPT-2's is assumed, or why the export has no tokenizer files."""
+    if tok is None and vocab_size == 50257:
+        return "the source does not record its tokenizer; the export has GPT-2's, whose 50257 ids it has"
+    if exports_gpt2_tokenizer(tok, vocab_size):
+        return None
+    why = "which Hugging Face has no tokenizer class for; the export has no tokenizer files"
+    if tok is None:
+        return (f"the source does not record its tokenizer and its {vocab_size} ids are not GPT-2's 50257; "
+                "the export has no tokenizer files")
+    if tok["name"] == "byte":
+        return (f"this model uses a byte tokenizer, {why} (encode text as its UTF-8 bytes: ids 0-255; "
+                "256 ends a document)")
+    return (f"this model uses a character tokenizer ({tok['vocab_size']} characters), {why} (id i is "
+            "character i of the alphabet in README.md)")
+
+
+def gpt2_tokenizer_files(folder: Path, block_size: int) -> dict:
+    """{path: write(tmp)} for GPT-2's tokenizer as GPT2Tokenizer(Fast) loads it, built from tiktoken
+    (its files or cache, no network when TIKTOKEN_CACHE_DIR is filled): built here, before any
+    file is written, so that a missing BPE is bad input, not a failed write."""
+    from scaling.tokenizer import GPT2Tokenizer, gpt2_vocab_and_merges
+    vocab, merges = gpt2_vocab_and_merges(GPT2Tokenizer().enc)
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, **special,
+              "add_prefix_space": False, "add_bos_token": False, "errors": "replace",
+              # True turns " ." into "." on decode in transformers 4 (5 ignores it for BPE): not tiktoken's text
+              "clean_up_tokenization_spaces": False,
+              "added_tokens_decoder": {str(vocab[EOT]): {"content": EOT, "lstrip": False, "normalized": True,
+                                                         "rstrip": False, "single_word": False, "special": True}}}
+    return {folder / "vocab.json": _text(json.dumps(vocab, ensure_ascii=False)),
+            folder / "merges.txt": _text("#version: 0.2\n" + "\n".join(merges) + "\n"),
+            folder / "tokenizer_config.json": _text(json.dumps(config, indent=2)),
+            folder / "special_tokens_map.json": _text(json.dumps(special, indent=2))}
+
+
+def _text(s: str):
+    return lambda tmp: tmp.write_text(s, encoding="utf-8")
+
+
+def generation_config(eot: int | None) -> dict:
+    """generation_config.json: generation stops at the end of a document, and padding with the
+    same id (GPT-2 has no pad token) keeps the pipeline from warning that it picked one. No
+    max_length: transformers 5 would warn on every call given max_new_tokens that both are set,
+    and without one it makes 20 new tokens, at most up to the model's context (n_positions)."""
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+
+
+def model_card(cfg: GPTConfig, params: int, tok: dict | None, run: dict, folder: Path, cut_from: int) -> str:
+    """README.md of a Hugging Face export: what the model is, how it was trained, how to load it."""
+    unknown = "unknown"
+    gpt2 = exports_gpt2_tokenizer(tok, cfg.vocab_size)
+    if gpt2:
+        tokenizer = (f"GPT-2 BPE (tiktoken's `gpt2`; vocab.json and merges.txt here): 50257 ids, `{EOT}` is 50256"
+                     + (f" ({tokenizer_note(tok, cfg.vocab_size)})" if tok is None else ""))
+    else:
+        tokenizer = tokenizer_note(tok, cfg.vocab_size)
+    val = unknown
+    if "val_loss" in run:
+        val = f"{run['val_loss']:.4f} (at step {run['val_step']})"
+    padded = f", cut from {cut_from} padded rows" if cut_from > cfg.vocab_size else ""
+    rows = [("Recipe / run", (run["name"] + (f" (run folder `{run['run_dir']}`)" if "run_dir" in run else ""))
+                             if "name" in run else unknown),
+            ("Checkpoint", f"`{run['checkpoint']}`" if "checkpoint" in run else unknown),
+            ("Steps trained", f"{run['step']:,}" if "step" in run else unknown),
+            ("Tokens seen", f"{run['tokens']:,}" if "tokens" in run else unknown),
+            ("Final validation loss", val),
+            ("Tokenizer", tokenizer),
+            ("Architecture", f"GPT-2 (GPT2LMHeadModel): {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
+                             f"{cfg.block_size}-token context, {cfg.vocab_size}-id vocabulary{padded}, "
+                             f"{params:,} parameters, input and output embeddings tied")]
+    load = _load_snippet(tok, gpt2, json.dumps(str(folder)), max(1, min(50, cfg.block_size // 2)))
+    lines = ["---", "library_name: transformers", *(["pipeline_tag: text-generation"] if gpt2 else []),
+             "tags: [gpt2, scaling]", "---", "", f"# {run.get('name', folder.name)}", "",
+             "A GPT-2 model trained with scaling and exported by `python -m scaling.convert --to hf`.", "",
+             *(f"- {k}: {v}" for k, v in rows), ""]
+    if (tok or {}).get("name") == "char":
+        lines += ["Alphabet (id i is character i), as JSON:", "", "```", json.dumps(tok["chars"]), "```", ""]
+    lines += ["## Load it", "", "```python", load, "```", ""]
+    return "\n".join(lines)
+
+
+def _load_snippet(tok: dict | None, gpt2: bool, where: str, new: int) -> str:
+    """Python that loads the export and continues a prompt greedily, encoding and decoding as the
+    model's tokenizer does."""
+    if gpt2:
+        return ("from transformers import pipeline\n"
+                f"generate = pipeline(\"text-generation\", model={where})\n"
+                f"print(generate(\"Hello,\", max_new_tokens={new}, do_sample=False)[0][\"generated_text\"])")
+    load = f"import torch\nfrom transformers import GPT2LMHeadModel\nmodel = GPT2LMHeadModel.from_pretrained({where})\n"
+    name = (tok or {}).get("name")
+    if name == "byte":
+        return load + (f"ids = model.generate(torch.tensor([list(\"Hello,\".encode())]), max_new_tokens={new}, "
+                       "do_sample=False)[0]\n"
+                       "print(bytes(i for i in ids.tolist() if i < 256).decode(\"utf-8\", \"replace\"))")
+    if name == "char":
+        chars = tok["chars"]
+        prompt = "Hello" if set("Hello") <= set(chars) else chars[-1]
+        return load + (f"chars = {chars!r}\n"
+                       f"ids = model.generate(torch.tensor([[chars.index(c) for c in {prompt!r}]]), "
+                       f"max_new_tokens={new}, do_sample=False)[0]\n"
+                       "print(\"\".join(chars[i] for i in ids.tolist()))")
+    return load + "logits = model(input_ids).logits  # input_ids: token ids of the tokenizer it was trained with"
 
 
 SOURCES = "our checkpoint or run folder or .pt, a Hugging Face GPT-2 folder or a nanoGPT ckpt.pt"
@@ -112,7 +234,7 @@ def read_weights(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, i
     docstring. The ids in use are the tokenizer's vocabulary for our checkpoints (the model's may
     be padded beyond it), the model's for other formats. Anything else is one ValueError naming
     src and what it should have been (FileNotFoundError if missing)."""
-    sd, cfg, vocab, _ = read_weights_and_tokenizer(src)
+    sd, cfg, vocab, _, _ = read_source(src)
     return sd, cfg, vocab
 
 
@@ -121,18 +243,50 @@ def read_weights_and_tokenizer(src: str | Path) -> tuple[dict[str, torch.Tensor]
     checkpoints' tokenizer.json, and our .pt files written from them): a dict with name and
     vocab_size (and chars for the char tokenizer), or None (Hugging Face and nanoGPT weights, and
     .pt files written from those, do not say)."""
+    return read_source(src)[:4]
+
+
+def read_source(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dict | None, dict]:
+    """read_weights_and_tokenizer, and what our checkpoint and run folders say about the training
+    behind the weights (see run_record; {} for other sources): what a model card reports."""
     if not Path(src).exists():
         raise FileNotFoundError(f"{src}: not found (expected {SOURCES})")
     try:
-        sd, cfg, vocab, tok = _read_weights(Path(src))
+        sd, cfg, vocab, tok, run = _read_weights(Path(src))
         check_tensors(sd, cfg)
     except NOT_WEIGHTS as e:
         why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{src}: cannot read weights ({why}); expected {SOURCES}") from None
-    return sd, cfg, vocab, tok
+    return sd, cfg, vocab, tok, run
 
 
-def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dict | None]:
+def run_record(ckpt: Path, name: str) -> dict:
+    """The recipe's name, the checkpoint, its step and tokens seen (recorded in the checkpoint)
+    and the last validation loss logged at or before that step in the run folder's metrics.jsonl
+    (if the checkpoint sits in a run folder that has one), with the step it was logged at."""
+    record = {"name": name, "checkpoint": str(ckpt)}
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    if run_dir is not None:
+        record["run_dir"] = str(run_dir)
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    train = {k: 0 for k in ("step", "tokens") if f"train.{k}" in saved}
+    if train:
+        dcp.load({"train": train}, checkpoint_id=ckpt)
+        record.update({k: int(v) for k, v in train.items()})
+    last = None
+    with contextlib.suppress(OSError, UnicodeDecodeError, TypeError):  # TypeError: no run folder
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):  # a line cut short by a crash
+                r = json.loads(line)
+                if (isinstance(r, dict) and isinstance(r.get("val_loss"), (int, float))
+                        and isinstance(r.get("step"), int) and r["step"] <= record.get("step", r["step"])):
+                    last = r  # the newest: a run resumed from an older checkpoint logs its steps again
+    if last is not None:
+        record.update(val_loss=last["val_loss"], val_step=last["step"])
+    return record
+
+
+def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dict | None, dict]:
     if p.is_dir() and (p / "config.json").is_file():  # Hugging Face
         c = json.loads((p / "config.json").read_text())
         if (p / "model.safetensors").is_file():
@@ -146,10 +300,11 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dic
             raise ValueError("unsupported config: bias=false")
         cfg = GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                         block_size=c["n_positions"], vocab_size=c["vocab_size"])
-        return hf_to_ours(hf, cfg.n_layer), cfg, cfg.vocab_size, None
+        return hf_to_ours(hf, cfg.n_layer), cfg, cfg.vocab_size, None, {}
     if p.is_dir():  # our checkpoint or run folder
-        model, tok, _ = _load_ours(p)
-        return {k: v.detach() for k, v in model.state_dict().items()}, model.cfg, tok["vocab_size"], tok
+        model, tok, run_cfg, ckpt = _load_ours(p)
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        return sd, model.cfg, tok["vocab_size"], tok, run_record(ckpt, run_cfg.name)
     ck = _torch_load(p)
     if isinstance(ck, dict) and "gpt_config" in ck:  # ours, consolidated
         cfg = GPTConfig(**ck["gpt_config"])
@@ -157,12 +312,13 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dic
         if tok is not None and not (isinstance(tok, dict) and tok.get("name") in TOKENIZERS
                                     and isinstance(tok.get("vocab_size"), int)):
             raise ValueError(f"its 'tokenizer' entry is not a tokenizer ({tok!r:.80})")
-        return {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}, cfg, ck.get("vocab", cfg.vocab_size), tok
+        sd = {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}
+        return sd, cfg, ck.get("vocab", cfg.vocab_size), tok, {}
     if isinstance(ck, dict) and "model_args" in ck:  # nanoGPT
         a = ck["model_args"]
         cfg = GPTConfig(n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"], block_size=a["block_size"],
                         vocab_size=a["vocab_size"], dropout=a.get("dropout", 0.0), bias=a.get("bias", True))
-        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg, cfg.vocab_size, None
+        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg, cfg.vocab_size, None, {}
     raise ValueError(f"a {type(ck).__name__} without 'gpt_config' or 'model_args'")
 
 
@@ -213,18 +369,22 @@ class WriteError(OSError):
 
 
 def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, to: str,
-                  vocab: int | None = None, tokenizer: dict | None = None) -> GPTConfig:
+                  vocab: int | None = None, tokenizer: dict | None = None, run: dict | None = None) -> GPTConfig:
     """Every file is written under a temporary name beside its destination and all are renamed
     into place only when all are whole: a failure or a kill midway leaves whatever dst held
     before (WriteError names dst and the cause). vocab: the token ids in use; a Hugging Face
     export is cut to them (GPT2LMHeadModel then loads GPT-2's 50257 rows from a model padded to
     50304), while nanoGPT (which trains GPT-2 padded itself) and our .pt keep the model's rows.
     tokenizer: what read_weights_and_tokenizer found, kept in our .pt so that eval can check a
-    dataset against it. Returns the shape written."""
+    dataset against it; a Hugging Face export gets GPT-2's tokenizer files if it is GPT-2's (see
+    exports_gpt2_tokenizer), and a model card (README.md) telling it and run's facts (read_source).
+    Returns the shape written."""
     dst = Path(dst)
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    padded = cfg.vocab_size
     if to == "hf" and vocab is not None and vocab < cfg.vocab_size:
         sd, cfg = strip_vocab(sd, cfg, vocab)
+    stale = []
     if to == "hf":
         from safetensors.torch import save_file
         if not cfg.bias:  # GPT2LMHeadModel would fill the missing biases with random values
@@ -232,9 +392,16 @@ def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, 
                              "(--to nanogpt or --to pt keep it)")
         hf = ours_to_hf(sd, cfg.n_layer)
         hf.pop("lm_head.weight")  # tied: Hugging Face re-ties it from wte on load
-        # config.json renamed last: it is what marks a folder as Hugging Face weights
+        gpt2 = exports_gpt2_tokenizer(tokenizer, cfg.vocab_size)
+        eot = 50256 if gpt2 else (tokenizer or {}).get("eot")
+        params = sum(v.numel() for v in hf.values())
         files = {dst / "model.safetensors": lambda t: save_file(hf, t, metadata={"format": "pt"}),
-                 dst / "config.json": lambda t: t.write_text(json.dumps(hf_config(cfg), indent=2))}
+                 **(gpt2_tokenizer_files(dst, cfg.block_size) if gpt2 else {}),
+                 dst / "generation_config.json": _text(json.dumps(generation_config(eot), indent=2)),
+                 dst / "README.md": _text(model_card(cfg, params, tokenizer, run or {}, dst, padded)),
+                 # renamed last: it is what marks a folder as Hugging Face weights
+                 dst / "config.json": _text(json.dumps(hf_config(cfg, eot), indent=2))}
+        stale = [dst / name for name in HF_TOKENIZER_FILES if dst / name not in files]
     elif to == "nanogpt":
         args = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
                                             "dropout")}
@@ -247,12 +414,13 @@ def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, 
         if tokenizer is not None:
             ck["tokenizer"] = tokenizer
         files = {dst: lambda t: torch.save(ck, t)}
-    _write_all(dst, files)
+    _write_all(dst, files, stale)
     return cfg
 
 
-def _write_all(dst: Path, files: dict):
-    """files: {path: write(tmp_path)}. All written beside their paths, then all renamed."""
+def _write_all(dst: Path, files: dict, stale=()):
+    """files: {path: write(tmp_path)}. All written beside their paths, then the stale paths
+    removed (files of an earlier export that would contradict these), then all renamed."""
     existed = dst.exists()
     folder = next(iter(files)).parent
     made = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first: removed on failure
@@ -274,6 +442,8 @@ def _write_all(dst: Path, files: dict):
             raise
         path, left = list(tmps)[-1] if tmps else dst, "is unchanged" if existed else "was not created"
         raise WriteError(f"writing {path} failed: {why}; {dst} {left}") from e
+    for path in stale:
+        path.unlink(missing_ok=True)
     for path, tmp in tmps.items():
         os.replace(tmp, path)
 
@@ -292,13 +462,14 @@ def _why(e: Exception, folder: Path) -> str:
 def load_model(path: str | Path, device="cpu"):
     """(model, tokenizer, config) from a checkpoint or run folder, for inference."""
     from scaling.tokenizer import get_tokenizer
-    model, tok_spec, cfg = _load_ours(path, device)
+    model, tok_spec, cfg, _ = _load_ours(path, device)
     return model, get_tokenizer(tok_spec["name"], tok_spec), cfg
 
 
 def _load_ours(path: str | Path, device="cpu"):
-    """(model, its tokenizer.json, config) from a checkpoint or run folder. The tokenizer is not
-    built here: GPT-2's BPE would need its files (or the network) just to convert or score ids."""
+    """(model, its tokenizer.json, config, the checkpoint folder) from a checkpoint or run folder.
+    The tokenizer is not built here: GPT-2's BPE would need its files (or the network) just to
+    convert or score ids."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from scaling.model import GPT
@@ -315,7 +486,7 @@ def _load_ours(path: str | Path, device="cpu"):
     sd = get_model_state_dict(model)
     dcp.load({"model": sd}, checkpoint_id=ckpt)
     model.eval()
-    return model, tok_spec, cfg
+    return model, tok_spec, cfg, ckpt
 
 
 def load_any(src: str, device) -> tuple[torch.nn.Module, dict | None]:

@@ -1,5 +1,6 @@
 """Import and export: Hugging Face GPT-2 folders, nanoGPT ckpt.pt, consolidated files, init_from."""
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_module, tiny_args
+from conftest import GPT2_BPE, ROOT, prepare_offline, read_metrics, run_module, tiny_args, tiny_hf_gpt2
 from scaling.weights import load_model, ours_to_nanogpt, read_weights
 
 transformers = pytest.importorskip("transformers")
@@ -166,7 +167,7 @@ def files(folder):
 
 @pytest.mark.parametrize("to, dst, why", [
     ("pt", "out.pt", "already exists; pass --overwrite to replace it"),
-    ("hf", "hf", "folder is not empty; pass --overwrite to write config.json and model.safetensors into it"),
+    ("hf", "hf", "folder is not empty; pass --overwrite to write the export into it"),
 ])
 def test_convert_refuses_an_existing_destination_without_overwrite(to, dst, why, tmp_path, capsys):
     from scaling.convert import main
@@ -195,7 +196,8 @@ def test_convert_with_overwrite_replaces_an_existing_destination(to, tmp_path):
         weights_file(dst, 32)
     run_module("scaling.convert", src, dst, "--to", to, "--overwrite", check=True)
     assert read_weights(dst)[1].n_embd == 16
-    assert to != "hf" or sorted(files(dst)) == ["config.json", "model.safetensors", "notes.txt"]
+    assert to != "hf" or sorted(files(dst)) == ["README.md", "config.json", "generation_config.json",
+                                                "model.safetensors", "notes.txt"]
 
 
 def can_mount_tmpfs():
@@ -333,3 +335,133 @@ def test_padded_rows_do_not_count_in_the_flops_behind_mfu():
         real, padded = (GPT(gpt_config("gpt2", vocab_size=v)) for v in (50257, 50304))
     assert padded.flops_per_token(1024, vocab_size=50257) == real.flops_per_token(1024)
     assert padded.flops_per_token(1024) > real.flops_per_token(1024)
+
+
+# A complete Hugging Face export: GPT-2 BPE models get the tokenizer files, generation_config.json
+# and a model card, so that AutoTokenizer and pipeline("text-generation") work; byte and char
+# models, which Hugging Face has no tokenizer for, get a note instead of tokenizer files.
+
+GPT2_EXPORT = ["README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+               "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A tiny run on tiny Shakespeare in GPT-2 BPE tokens, its vocabulary padded to 50304 rows as
+    the GPT-2 recipes pad it. Its learning rate is so small that the weights stay near their
+    random start: a few steps at the usual rate already continue every prompt with newlines,
+    which would not tell two ways of generating apart."""
+    root = tmp_path_factory.mktemp("bpe_data")
+    prepare_offline("shakespeare", root / "shakespeare", None)
+    run_dir = tmp_path_factory.mktemp("bpe_run")
+    run_module("scaling.train", *tiny_args(root, run_dir, "--data.dataset=shakespeare", "--model.vocab_size=50304",
+                                           "--train.max_steps=4", "--optim.lr=1e-4", "--optim.min_lr=1e-5"),
+               check=True)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def bpe_export(bpe_run, tmp_path_factory):
+    """The run exported with --to hf: (its folder, what convert printed)."""
+    out = tmp_path_factory.mktemp("bpe_export") / "hf"
+    p = run_module("scaling.convert", bpe_run, out, "--to", "hf", check=True)
+    return out, p.stdout
+
+
+def test_huggingface_export_of_a_gpt2_model_holds_its_tokenizer_generation_config_and_card(bpe_export):
+    out, printed = bpe_export
+    assert sorted(files(out)) == GPT2_EXPORT and "note:" not in printed, printed
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 50257  # padding cut
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == gen["eos_token_id"] == gen["pad_token_id"] == 50256
+
+
+def test_exported_gpt2_tokenizer_files_are_openais_vocabulary_and_merges(bpe_export):
+    # rebuilt from tiktoken's ranks: they must be what GPT-2's own encoder.json and vocab.bpe say
+    out, _ = bpe_export
+    assert json.loads((out / "vocab.json").read_text()) == json.loads((GPT2_BPE / "encoder.json").read_text())
+    assert (out / "merges.txt").read_bytes() == (GPT2_BPE / "vocab.bpe").read_bytes()
+
+
+@pytest.mark.parametrize("text", ["hello world", "  two  spaces,\n\nnew lines\tand a tab ",
+                                  "héllo wörld — 日本語 🤖", "one<|endoftext|>two", "It's 2024: isn't it?",
+                                  "spaced , punctuation ."],
+                         ids=["plain", "spaces", "unicode", "endoftext", "contractions", "punctuation"])
+def test_huggingface_autotokenizer_of_a_gpt2_export_encodes_and_decodes_as_tiktoken(bpe_export, text):
+    import tiktoken
+    tok = transformers.AutoTokenizer.from_pretrained(bpe_export[0])
+    ids = tiktoken.get_encoding("gpt2").encode(text, allowed_special="all")
+    assert tok.encode(text) == ids and tok.decode(ids) == text
+    assert tok.eos_token_id == 50256 and tok.model_max_length == 64  # the model's block_size
+
+
+def test_huggingface_pipeline_continues_a_prompt_greedily_as_scaling_sample_does(bpe_run, bpe_export):
+    prompt = "Hello"  # one token, another with add_prefix_space (" Hello"): the continuation tells
+    ours = run_module("scaling.sample", bpe_run, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", 16,
+                      check=True).stdout
+    generate = transformers.pipeline("text-generation", model=str(bpe_export[0]))
+    theirs = generate(prompt, max_new_tokens=16, do_sample=False)[0]["generated_text"]
+    assert theirs + "\n" == ours and len(theirs) > len(prompt), (theirs, ours)
+
+
+def test_model_card_of_a_gpt2_export_gives_the_runs_steps_tokens_and_final_validation_loss(bpe_run, bpe_export):
+    card = (bpe_export[0] / "README.md").read_text()
+    last = [r for r in read_metrics(bpe_run) if "val_loss" in r][-1]
+    assert last["step"] == 4 and last["tokens"] > 0
+    assert "- Steps trained: 4\n" in card and f"- Tokens seen: {last['tokens']:,}\n" in card
+    assert f"- Final validation loss: {last['val_loss']:.4f} (at step 4)\n" in card
+    assert "- Tokenizer: GPT-2 BPE" in card and f'pipeline("text-generation", model="{bpe_export[0]}")' in card
+
+
+def test_huggingface_export_of_a_byte_model_prints_why_it_has_no_tokenizer_files(trained, tmp_path):
+    p = run_module("scaling.convert", trained, tmp_path / "hf", "--to", "hf", check=True)
+    note = ("note: this model uses a byte tokenizer, which Hugging Face has no tokenizer class for; the export has "
+            "no tokenizer files (encode text as its UTF-8 bytes: ids 0-255; 256 ends a document)")
+    assert p.stdout.splitlines()[1:] == [note], p.stdout
+    assert sorted(files(tmp_path / "hf")) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert f"- Tokenizer: {note.removeprefix('note: ')}\n" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_huggingface_export_of_a_char_model_prints_why_it_has_no_tokenizer_files_and_gives_the_alphabet(tmp_path):
+    from scaling.model import GPT, GPTConfig
+    from scaling.weights import write_weights
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=4))
+    write_weights(model.state_dict(), model.cfg, tmp_path / "char.pt", "pt", 4,
+                  {"name": "char", "vocab_size": 4, "chars": "\n ab"})
+    p = run_module("scaling.convert", tmp_path / "char.pt", tmp_path / "hf", "--to", "hf", check=True)
+    assert p.stdout.splitlines()[1] == ("note: this model uses a character tokenizer (4 characters), which Hugging "
+                                        "Face has no tokenizer class for; the export has no tokenizer files (id i is "
+                                        "character i of the alphabet in README.md)"), p.stdout
+    assert sorted(files(tmp_path / "hf")) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert "chars = '\\n ab'" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_huggingface_export_of_weights_without_a_tokenizer_but_gpt2s_vocabulary_says_it_assumes_gpt2s(tmp_path):
+    p = run_module("scaling.convert", tiny_hf_gpt2(tmp_path / "theirs"), tmp_path / "hf", "--to", "hf", check=True)
+    note = "note: the source does not record its tokenizer; the export has GPT-2's, whose 50257 ids it has"
+    assert p.stdout.splitlines()[1:] == [note], p.stdout
+    assert sorted(files(tmp_path / "hf")) == GPT2_EXPORT
+    assert note.removeprefix("note: ") in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_overwriting_a_gpt2_export_with_a_byte_model_removes_the_old_tokenizer_files(bpe_export, trained, tmp_path):
+    dst = tmp_path / "hf"
+    shutil.copytree(bpe_export[0], dst)
+    (dst / "notes.txt").write_text("kept")
+    run_module("scaling.convert", trained, dst, "--to", "hf", "--overwrite", check=True)
+    # GPT-2's vocab.json beside a byte model would load as its tokenizer and encode wrongly
+    assert sorted(files(dst)) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                  "notes.txt"]
+
+
+def test_gpt2_export_without_the_bpe_files_offline_exits_2_with_one_line_and_writes_nothing(bpe_run, tmp_path):
+    # An empty tiktoken cache, and downloads sent through a proxy at port 0 of this machine, which
+    # nothing can listen on: refused at once, nothing leaves the machine.
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HTTPS_PROXY": "http://127.0.0.1:0",
+           "https_proxy": "http://127.0.0.1:0", "NO_PROXY": "", "no_proxy": ""}
+    (tmp_path / "empty").mkdir()
+    p = run_module("scaling.convert", bpe_run, tmp_path / "hf", "--to", "hf", env=env)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("error: no network: tiktoken cannot fetch GPT-2's BPE files") and \
+        "TIKTOKEN_CACHE_DIR" in p.stderr, p.stderr
+    assert not (tmp_path / "hf").exists()
