@@ -13,6 +13,12 @@
 #
 # CPU clusters (and the tests): SCALING_DEVICE=cpu, processes per node = CPUs per task /
 # SCALING_THREADS (default 1 thread per process), gloo instead of NCCL.
+#
+# The job's output (gpt2-<job>.out) tells the story: the preflight's table and problems, which
+# log to `tail -f` for progress once training starts, every rank's error line once (with how many
+# ranks on which nodes said it), a requeue, and a last line: how the job ended and where the
+# details are. Each node's full output is in logs/ (SCALING_LOG_DIR): <job name>-<job>-node<k>.out,
+# and <job name>-<job>-preflight-node<k>.err for the preflight.
 #SBATCH --job-name=gpt2
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -71,49 +77,108 @@ else
   DEVICE_ARGS=()
 fi
 export OMP_NUM_THREADS=$THREADS
+export PYTHONUNBUFFERED=1  # the logs show each line as it is printed, not a buffer's worth later
 source launch/find_python.sh
 find_python || exit 2
 LOG_DIR=${SCALING_LOG_DIR:-logs}  # one file per node and job
 mkdir -p "$LOG_DIR"
+LOGS="$(cd "$LOG_DIR" && pwd)/$SLURM_JOB_NAME-$SLURM_JOB_ID"  # absolute: the paths below work anywhere
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_JOB_NUM_NODES nodes x $NPROC processes," \
      "head $HEAD_NODE ($HEAD_ADDR:$PORT), recipe $RECIPE"
+
+step_logs() {  # step_logs NAME: each node's log of a step, node k's k-th, as PATH@SIZE. A requeued
+  local k f    # job appends to the same files: what a step says starts at SIZE.
+  for (( k = 0; k < SLURM_JOB_NUM_NODES; k++ )); do
+    f="$LOGS-${1/\%t/$k}"
+    echo "$f@$(stat -c %s "$f" 2> /dev/null || echo 0)"
+  done
+}
+report() {  # report STATUS LOG@SIZE...: print the logs' error lines, each once; set CODE and HOW
+  local status=$1
+  shift
+  "$PYTHON" -m scaling.launch --report "$@" && CODE=0 || CODE=$?
+  [ "$CODE" != 0 ] || CODE=$status  # the logs explain nothing: srun's own status
+  [ "$CODE" = 2 ] && HOW="bad input (exit 2)" || HOW="failed with exit $CODE"
+}
+ended() {  # ended HOW LOG@SIZE...: the job's last line
+  local how=$1
+  shift
+  local where="${*%@*}"
+  if (( $# > 4 )); then where="${1%%@*}"; where="${where%0.*}*.${where##*.} (one per node)"; fi
+  echo "$(date +%T) job $SLURM_JOB_ID ended: $how; details: $where"
+}
 
 # The preflight: every node's versions, GPUs and network, the run folder and the interconnect,
 # checked in seconds before any GPU-hour is spent (python -m scaling.preflight; SCALING_PREFLIGHT=0
 # skips it). Its report goes to this job's output, torchrun's own noise to the logs.
 if [ "${SCALING_PREFLIGHT:-1}" != 0 ]; then
-  if ! srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" --error="$LOG_DIR/%x-%j-preflight-node%t.err" \
-      "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
+  mapfile -t STEP_LOGS < <(step_logs preflight-node%t.err)
+  if srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" --error="$LOG_DIR/%x-%j-preflight-node%t.err" \
+      "$PYTHON" -m scaling.launch --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
       --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$(( PORT + 1 ))" --rdzv_id="$SLURM_JOB_ID-preflight" \
       -m scaling.preflight "$RECIPE" "${DEVICE_ARGS[@]}" "$@"; then
-    echo "$(date +%T) preflight failed: nothing was trained (the lines above say why; SCALING_PREFLIGHT=0 skips it)"
-    exit 2
+    status=0
+  else
+    status=$?
+  fi
+  if [ "$status" != 0 ]; then
+    report "$status" "${STEP_LOGS[@]}"
+    ended "$HOW; preflight failed: nothing was trained (SCALING_PREFLIGHT=0 skips it)" "${STEP_LOGS[@]}"
+    exit "$CODE"
   fi
 fi
+
+# Rank 0 prints the progress, on whichever node the rendezvous put it: name that node's log as
+# soon as rank 0 has printed its first line ("model: ..."), or once srun has ended.
+follow_rank0() {
+  local f last=0
+  while [ "$last" = 0 ]; do
+    kill -0 "$SRUN" 2> /dev/null || last=1
+    for f in "$@"; do
+      if grep -qs '^model: ' <(tail -c +$(( ${f##*@} + 1 )) "${f%@*}" 2> /dev/null); then
+        echo "$(date +%T) training started; progress: tail -f ${f%@*}"
+        return
+      fi
+    done
+    sleep 1
+  done
+}
 
 # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: without it every
 # node's workers would share one core.
 # scaling.launch is torchrun ending in 75 when all its workers saved and stopped (see launch.py).
+mapfile -t STEP_LOGS < <(step_logs node%t.out)
 srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" --output="$LOG_DIR/%x-%j-node%t.out" \
   "$PYTHON" -m scaling.launch --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" \
     --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$PORT" --rdzv_id="$SLURM_JOB_ID" \
     -m scaling.train "$RECIPE" "${DEVICE_ARGS[@]}" "$@" &
 SRUN=$!
 started=1
+follow_rank0 "${STEP_LOGS[@]}" &
+FOLLOW=$!
 status=0
 while true; do  # a trapped signal interrupts `wait`; keep waiting for srun itself
   wait "$SRUN" && status=0 || status=$?
   kill -0 "$SRUN" 2> /dev/null || break
 done
+wait "$FOLLOW" || true  # it ends within a second of srun
 
+if [ "$status" = 0 ]; then
+  ended finished "${STEP_LOGS[@]}"
+  exit 0
+fi
+report "$status" "${STEP_LOGS[@]}"
 # Stopped early, not finished: after our own stop request, or when the training processes
 # themselves saved and stopped (a SIGTERM that reached them directly).
 if { [ "$stop_requested" = 1 ] && [ "$status" != 0 ]; } || [ "$status" = 75 ]; then
   echo "$(date +%T) stopped after saving (srun exit $status); requeueing job $SLURM_JOB_ID"
   if scontrol requeue "$SLURM_JOB_ID"; then
+    ended "stopped and requeued (it resumes from the checkpoint just saved)" "${STEP_LOGS[@]}"
     exit 0  # the job goes on: pending again, it resumes from the checkpoint just saved
   fi
   echo "$(date +%T) cannot requeue (sbatch --no-requeue?): run the same sbatch command to resume"
+  ended "stopped, not requeued (exit 75)" "${STEP_LOGS[@]}"
   exit 75
 fi
-exit "$status"
+ended "$HOW" "${STEP_LOGS[@]}"
+exit "$CODE"

@@ -5,29 +5,41 @@ torchrun ends every failure, a clean preemption stop included, with exit 1 and a
 scheduler or a retry loop cannot tell "saved, run me again" from a crash. This runs torchrun's
 own launcher (same options, same workers) and ends with one line and one code:
 
-  0   every worker finished;
+  0   every worker finished (no line);
   75  every worker of this node saved its step and stopped (a preemption: run the same command);
   2   the workers refused their input (each said why, in one line);
-  1   anything else: a crash, a worker killed by a signal, a stop that did not save everywhere.
+  1   anything else: a crash, a worker killed by a signal, a stop that did not save everywhere,
+      a rendezvous that failed.
 
 A worker marks a clean stop in the folder SCALING_EXIT_DIR names (distributed.mark_preempted)
 before it exits, so the mark counts even when torchrun's shutdown signal ends it a moment later.
 The launchers in launch/ run torchrun through this module.
+
+After a Slurm job step, launch/slurm_gpt2.sh runs `python -m scaling.launch --report LOG@OFFSET ...`
+(node k's log k-th, read from the byte offset where this step began): every rank's `error:` line
+once, saying how many ranks on which nodes printed it, and an exit code for the whole step
+(2 bad input, 1 a failure, 0 when the logs explain nothing).
 """
 
 import os
+import re
 import signal
 import sys
 import tempfile
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.launcher.api import elastic_launch
 from torch.distributed.run import config_from_args, parse_args
 
 from scaling.distributed import EXIT_DIR, EXIT_PREEMPTED
+
+BAD_INPUT = "launch: bad input: exit 2 (the workers said why)"
+SIGNAL_ENDED = re.compile(r"error: launch: SIG\w+ ended the workers")
 
 
 def launch(argv: list[str]) -> tuple[int, str]:
@@ -46,6 +58,9 @@ def launch(argv: list[str]) -> tuple[int, str]:
         failures, stopped_by = e.failures, None
     except SignalException as e:
         failures, stopped_by = {}, signal.Signals(e.sigval).name
+    except RendezvousError as e:  # a node that cannot reach the head, or one that never came
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        return 1, f"error: launch: the rendezvous at {args.rdzv_endpoint} failed ({why}): can every node reach it?"
     return outcome(failures, len(list(marks.glob("rank*"))), config.nproc_per_node, stopped_by)
 
 
@@ -62,17 +77,74 @@ def outcome(failures: dict, saved: int, nproc: int, stopped_by: str | None) -> t
     # After the first failure torchrun ends the other workers with SIGTERM: those are not causes.
     causes = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
     if {f.exitcode for f in causes.values()} == {2}:  # bad input: the workers (or rank 0) said why
-        return 2, ""
+        return 2, BAD_INPUT
     # Name one failure: a worker killed by a signal first (it could not say why itself), else the first.
     rank, worst = min(causes.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp))
     how = f"was killed by {worst.signal_name()}" if worst.exitcode < 0 else f"exited with code {worst.exitcode}"
     return 1, f"error: launch: worker rank {rank} (pid {worst.pid}) {how}; the lines above say why"
 
 
+def spans(nodes) -> str:
+    """[0, 1, 2, 3, 7] -> "0-3, 7": a line from every node of a 64-node job stays short."""
+    runs = []
+    for n in sorted(nodes):
+        if runs and runs[-1][-1] == n - 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
+def read_from(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:  # the node never wrote it (its step did not start)
+        return ""
+
+
+def report(logs: list[tuple[str, int]]) -> tuple[list[str], int]:
+    """What a job step's node logs say went wrong, and the step's exit code. logs[k]: node k's
+    log and the offset where this step's part of it begins (a requeued job appends).
+
+    Each `error: ...` line (one per failure, the project's rule) once, with how many ranks on
+    which nodes printed it; not the C++ frames or tracebacks around them. The code: 2 when a node's
+    workers refused their input, else 1 when a launcher reported a failure, else 0 (the logs
+    explain nothing)."""
+    said, codes = {}, set()  # line -> how often on each node; the launchers' exit codes
+    for node, (path, offset) in enumerate(logs):
+        for line in read_from(path, offset).splitlines():
+            if line == BAD_INPUT:
+                codes.add(2)
+            elif line.startswith("error: "):
+                said.setdefault(line, Counter())[node] += 1
+                if line.startswith("error: launch: "):
+                    codes.add(1)
+    # After the first failure Slurm ends the other nodes' launchers with SIGTERM (srun
+    # --kill-on-bad-exit): what they say is not a cause, unless nothing else is said.
+    causes = {line: nodes for line, nodes in said.items() if not SIGNAL_ENDED.match(line)} or said
+    lines = []
+    for line, nodes in sorted(causes.items(), key=lambda kv: kv[0].startswith("error: launch: ")):  # ranks first
+        where = f"node{'s' if len(nodes) > 1 else ''} {spans(nodes)}"
+        if line.startswith("error: launch: "):  # one launcher per node
+            lines.append(f"{line}  [{where}]")
+        else:
+            ranks = sum(nodes.values())
+            lines.append(f"{line}  [{ranks} rank{'s' if ranks > 1 else ''} on {where}]")
+    return lines, 2 if 2 in codes else 1 if 1 in codes else 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--report"]:  # launch/slurm_gpt2.sh, after a job step
+        lines, code = report([(path, int(offset)) for path, _, offset in (a.rpartition("@") for a in argv[1:])])
+        for line in lines:
+            print(line)
+        sys.exit(code)
     with tempfile.TemporaryDirectory(prefix="scaling-launch-") as marks:
         os.environ[EXIT_DIR] = marks  # the workers inherit it
-        code, line = launch(sys.argv[1:] if argv is None else argv)
+        code, line = launch(argv)
     if line:
         print(line, file=sys.stderr if code not in (0, EXIT_PREEMPTED) else sys.stdout, flush=True)
     sys.exit(code)

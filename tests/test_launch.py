@@ -53,6 +53,11 @@ def test_sbatch_trains_over_two_nodes(slurm, data_root, tmp_path):
     assert {f.name for f in (tmp_path / "logs").glob("*.out")} == {f"gpt2-{job}-node0.out", f"gpt2-{job}-node1.out"}
     assert "preflight: OK" in out and re.search(r"^0 .*\n1 ", out, re.M), out  # one table row per node
     assert all(math.isfinite(x) for x in train_losses(tmp_path))
+    # The job's output names rank 0's log (on whichever node the rendezvous put it), and says it finished.
+    follow = re.search(r"training started; progress: tail -f (\S+)", out)
+    assert follow and re.search(r"^step \d+ \| loss ", Path(follow.group(1)).read_text(), re.M), out
+    logs = f"{tmp_path}/logs/gpt2-{job}-node0.out {tmp_path}/logs/gpt2-{job}-node1.out"
+    assert re.fullmatch(rf"[\d:]+ job {job} ended: finished; details: {logs}", out.splitlines()[-1]), out
 
 
 @pytest.mark.slow
@@ -73,6 +78,7 @@ def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_roo
     out = (tmp_path / f"slurm-{job}.out").read_text()
     assert j["JobState"] == "COMPLETED" and int(j["Restarts"]) >= 1, out + slurm.logs()
     assert "USR1: asking the training processes to save and stop" in out and "requeueing job" in out
+    assert f"job {job} ended: stopped and requeued" in out and f"job {job} ended: finished" in out.splitlines()[-1]
     logs = "".join(f.read_text() for f in (tmp_path / "logs").iterdir())
     saved = [int(x.split()[0].rstrip(",")) for x in logs.split("saved step ")[1:]]
     resumed = [int(x.split()[0]) for x in logs.split(" at step ")[1:]]
@@ -166,7 +172,10 @@ def test_a_frozen_rank_on_one_node_ends_the_whole_job_through_the_collective_tim
     out = (tmp_path / f"slurm-{job}.out").read_text()
     logs = "".join(f.read_text() for f in (tmp_path / "logs").iterdir())
     assert j["JobState"] == "FAILED" and int(j["Restarts"]) == 0, out + logs
-    assert "another rank died or hung past parallel.timeout_s" in logs, logs
+    # The job's output: the rank that timed out, in its one line, and how the job ended.
+    assert re.search(r"^error: rank \d: a collective failed .* another rank died or hung past parallel.timeout_s; "
+                     r"the newest complete checkpoint is intact  \[1 rank on node \d\]$", out, re.M), out + logs
+    assert f"job {job} ended: failed with exit 1; details: " in out.splitlines()[-1], out
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not left, subprocess.run(["ps", "-o", "pid,stat,args", "-p", ",".join(left)], capture_output=True,
                                     text=True).stdout
@@ -202,7 +211,22 @@ def test_the_preflight_stops_a_job_on_a_broken_node_with_one_line_per_problem(sl
     assert found[1] == f"preflight: run folder {tmp_path} on node 1: not writable (Permission denied)"
     assert re.fullmatch(rf"preflight: run folder {tmp_path}: [\d.]+ GB free, but checkpoint.keep=100000000 "
                         r"checkpoints and the one being written need [\d.]+ GB more", found[2])
-    assert "preflight failed: nothing was trained" in out and not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    details = f"{tmp_path}/logs/gpt2-{job}-preflight-node0.err {tmp_path}/logs/gpt2-{job}-preflight-node1.err"
+    assert out.splitlines()[-1].endswith(f" job {job} ended: bad input (exit 2); preflight failed: nothing was trained "
+                                         f"(SCALING_PREFLIGHT=0 skips it); details: {details}"), out
+
+
+@pytest.mark.slow
+def test_a_bad_key_ends_the_job_with_its_one_line_once_and_says_bad_input(slurm, data_root, tmp_path):
+    job = sbatch(slurm, tmp_path, data_root, "--train.max_step=5")
+    j = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert j["JobState"] == "FAILED" and j["ExitCode"] == "2:0", out
+    unknown = "error: train.max_step: unknown key (did you mean train.max_steps?)"
+    assert out.count(unknown) == 1 and f"{unknown}  [2 ranks on nodes 0, 1]" in out, out  # each rank said it
+    assert "Traceback" not in out and "ChildFailedError" not in out and "frame #" not in out, out
+    assert f"job {job} ended: bad input (exit 2); preflight failed: nothing was trained" in out.splitlines()[-1], out
 
 
 def logs_of(run_dir):

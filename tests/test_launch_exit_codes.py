@@ -1,8 +1,10 @@
 """launch/torchrun.sh (scaling.launch): the exit code says what happened, so a scheduler or a retry
-loop can act on it: 75 when every worker saved and stopped, 2 for bad input, 1 for a crash."""
+loop can act on it: 75 when every worker saved and stopped, 2 for bad input, 1 for a crash. And
+its --report, which a Slurm job's output shows after each step (the sbatch tests are in test_launch.py)."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from conftest import ROOT, read_metrics, tiny_args
 from scaling.checkpoint import checkpoints
 from scaling.distributed import EXIT_PREEMPTED
-from scaling.launch import outcome
+from scaling.launch import BAD_INPUT, outcome, report
 from test_checkpoint import kill_all, worker_pid
 
 FSDP2 = ["--parallel.dp_shard=2", "--train.global_batch_size=8", "--train.micro_batch_size=2",
@@ -63,11 +65,12 @@ def test_a_worker_killed_by_a_signal_makes_the_launcher_exit_1_naming_it(data_ro
     assert "Traceback" not in out + err
 
 
-def test_bad_input_under_the_launcher_exits_2_without_a_traceback(data_root, tmp_path):
+def test_bad_input_under_the_launcher_exits_2_with_its_line_and_without_a_traceback(data_root, tmp_path):
     p = start_launcher(data_root, tmp_path, "--train.max_stepz=4")
     out, err = p.communicate(timeout=180)
     assert p.returncode == 2, (p.returncode, err[-3000:])
     assert "train.max_stepz" in err and "Traceback" not in out + err and "ChildFailedError" not in err, err
+    assert err.strip().splitlines()[-1] == BAD_INPUT  # what a Slurm job's report reads as bad input
 
 
 def failure(rank: int, exitcode: int):
@@ -77,9 +80,70 @@ def failure(rank: int, exitcode: int):
 def test_bad_input_on_one_rank_is_exit_2_even_when_torchrun_then_ends_the_other_with_sigterm():
     """Seen under load: rank 0 refused a key and exited 2 before rank 1 did; torchrun's shutdown
     SIGTERM ended rank 1. The SIGTERM is torchrun's, not a cause."""
-    assert outcome({0: failure(0, 2), 1: failure(1, -signal.SIGTERM)}, 0, 2, None) == (2, "")
+    assert outcome({0: failure(0, 2), 1: failure(1, -signal.SIGTERM)}, 0, 2, None) == (2, BAD_INPUT)
 
 
 def test_a_worker_killed_by_the_oom_killer_is_named_rather_than_the_one_torchrun_then_stopped():
     code, line = outcome({0: failure(0, -signal.SIGTERM), 1: failure(1, -signal.SIGKILL)}, 0, 2, None)
     assert code == 1 and line.startswith("error: launch: worker rank 1 (pid 1001) was killed by SIGKILL")
+
+
+def test_a_rendezvous_that_never_completes_is_one_line_and_exit_1_not_a_traceback():
+    with socket.socket() as s:  # a free port on loopback; the other node never comes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "scaling.launch", "--nnodes=2", "--nproc_per_node=1",
+                        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_conf=join_timeout=3",
+                        "-m", "scaling.preflight"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"error: launch: the rendezvous at 127.0.0.1:{port} failed "
+                                                 "(RendezvousTimeoutError): can every node reach it?")
+
+
+# What a node's log holds around a rank's one line: torchrun's own log, C++ frames, a traceback.
+NOISE = """E1204 20:03:27.543000 15552 api.py:1002] failed (exitcode: 2) local_rank: 0 (pid: 15578) of binary: python
+[W1204 20:12:39.084464735 TCPStore.cpp:115] [c10d] recvVector failed: Failed to recv, got 0 bytes.
+frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x9d (0x7f9823179b8d in libc10.so)
+Traceback (most recent call last):
+  File "torch/distributed/run.py", line 1032, in <module>
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+"""
+UNKNOWN_KEY = "error: train.max_step: unknown key (did you mean train.max_steps?)"
+
+
+def node_logs(tmp_path, *texts) -> list[tuple[str, int]]:
+    """Node k's log holds texts[k]; report() reads each from its start."""
+    for k, text in enumerate(texts):
+        (tmp_path / f"node{k}.out").write_text(text)
+    return [(str(tmp_path / f"node{k}.out"), 0) for k in range(len(texts))]
+
+
+def test_a_job_report_names_each_error_line_once_with_how_many_ranks_on_which_nodes_and_nothing_else(tmp_path):
+    disk = "error: runs/x: no space left on device; the checkpoints saved before are intact"
+    logs = node_logs(tmp_path, f"{UNKNOWN_KEY}\n{NOISE}{UNKNOWN_KEY}\n", f"{NOISE}{UNKNOWN_KEY}\n{disk}\n",
+                     f"{UNKNOWN_KEY}\n", f"{UNKNOWN_KEY}\n{NOISE}")
+    assert report(logs)[0] == [f"{UNKNOWN_KEY}  [5 ranks on nodes 0-3]", f"{disk}  [1 rank on node 1]"]
+
+
+def test_a_job_report_reads_a_requeued_jobs_log_from_where_this_step_began(tmp_path):
+    (log,) = node_logs(tmp_path, f"{UNKNOWN_KEY}\n")  # the job before the requeue
+    begins = os.path.getsize(log[0])
+    with open(log[0], "a") as f:
+        f.write("step 2 | loss 5.52\n")
+    assert report([(log[0], begins)]) == ([], 0)
+
+
+def test_a_job_report_calls_bad_input_bad_input_though_slurm_then_ended_the_other_nodes_launcher(tmp_path):
+    """Node 0's workers refused a key; srun --kill-on-bad-exit then ended node 1's launcher with
+    SIGTERM. The command the Slurm script runs: the cause once, exit 2."""
+    ended = "error: launch: SIGTERM ended the workers; 0 of 1 saved their step first (the newest complete checkpoint is intact)"
+    logs = node_logs(tmp_path, f"{UNKNOWN_KEY}\n{NOISE}{BAD_INPUT}\n", f"{NOISE}{ended}\n")
+    p = subprocess.run([sys.executable, "-m", "scaling.launch", "--report", *(f"{path}@{offset}" for path, offset in logs)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (2, f"{UNKNOWN_KEY}  [1 rank on node 0]\n"), p.stderr
+
+
+def test_a_job_report_calls_a_worker_killed_on_one_node_a_failure_naming_that_node(tmp_path):
+    killed = "error: launch: worker rank 1 (pid 4242) was killed by SIGKILL; the lines above say why"
+    ended = "error: launch: SIGTERM ended the workers; 0 of 1 saved their step first (the newest complete checkpoint is intact)"
+    assert report(node_logs(tmp_path, f"{NOISE}{ended}\n", f"{NOISE}{killed}\n")) == ([f"{killed}  [node 1]"], 1)
