@@ -176,3 +176,23 @@ def read_metrics(run_dir):
 
 def train_losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def scratch_checkout(w: Path) -> Path:
+    """A folder laid out like a fresh checkout after `make install`: the code, recipes and
+    launchers linked, the data/<name>/prepare.py scripts copied, and a .venv whose python and
+    torchrun are this interpreter's (the launchers and the Makefile look for it)."""
+    w.mkdir(parents=True, exist_ok=True)
+    for name in ("recipes", "launch", "scaling", "Makefile", "pyproject.toml"):
+        (w / name).symlink_to(ROOT / name)
+    for script in ROOT.glob("data/*/prepare.py"):
+        (w / "data" / script.parent.name).mkdir(parents=True)
+        (w / "data" / script.parent.name / "prepare.py").write_bytes(script.read_bytes())
+    venv = w / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    for name, run in (("python", ""), ("python3", ""), ("torchrun", "-m torch.distributed.run")):
+        (venv / name).write_text(f'#!/bin/sh\nexec {sys.executable} {run} "$@"\n')
+        (venv / name).chmod(0o755)
+    (w / ".venv" / ".installed").touch()  # its timestamp tells make that it is installed
+    return w
+

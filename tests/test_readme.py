@@ -1,6 +1,7 @@
 """The README's commands, run as a user types them, offline and shrunk.
 
-Every line of every ```bash block is a command. A line marked [GPU] (needs GPUs or a GPU
+Every line of every ```bash block is a command (those of "Reproduce GPT-2 124M" run in
+tests/test_reproduce.py, on a Slurm cluster). A line marked [GPU] (needs GPUs or a GPU
 cluster) or [network] (downloads something) is listed, not run; `make test` is this suite.
 Every other line runs, in README order, from a scratch folder laid out like the checkout
 (recipes/, launch/, data/<name>/prepare.py, a .venv whose python and torchrun are this
@@ -21,17 +22,28 @@ import time
 
 import pytest
 
-from conftest import ROOT, SHRUNK, tiny_hf_gpt2
+from conftest import ROOT, SHRUNK, scratch_checkout, tiny_hf_gpt2
 
 README = (ROOT / "README.md").read_text()
+REPRODUCE = "Reproduce GPT-2 124M"  # a walk of its own on a Slurm cluster: tests/test_reproduce.py
+
+
+def section(title: str, text: str = README) -> str:
+    """The text of the `## title` section, up to the next `## `."""
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+OUTSIDE_REPRODUCE = README.replace(section(REPRODUCE), "\n")
 MARKS = ("[GPU]", "[network]")
 SELF = {"make test"}  # the suite this test is part of
 
 
-def blocks(lang: str) -> list[list[str]]:
+def blocks(lang: str, text: str = OUTSIDE_REPRODUCE) -> list[list[str]]:
     """The lines of each fenced block opened by ```lang."""
     found, block = [], None  # block: the open block's lines, or None outside, or False in another language
-    for line in README.splitlines():
+    for line in text.splitlines():
         if not line.startswith("```"):
             if isinstance(block, list):
                 block.append(line)
@@ -44,8 +56,8 @@ def blocks(lang: str) -> list[list[str]]:
     return found
 
 
-def commands() -> list[str]:
-    lines = [line.strip() for b in blocks("bash") for line in b]
+def commands(text: str = OUTSIDE_REPRODUCE) -> list[str]:
+    lines = [line.strip() for b in blocks("bash", text) for line in b]
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -86,22 +98,11 @@ def shrink(cmd: str) -> str:
 def workdir(recipe_data, tmp_path_factory):
     """A scratch folder laid out like the checkout, with what the README's commands expect to
     find already there (a downloaded model, a nanoGPT checkpoint, a local corpus)."""
-    w = tmp_path_factory.mktemp("readme")
-    for name in ("recipes", "launch", "scaling", "Makefile", "pyproject.toml"):
-        (w / name).symlink_to(ROOT / name)
-    for script in ROOT.glob("data/*/prepare.py"):
-        (w / "data" / script.parent.name).mkdir(parents=True)
-        shutil.copy(script, w / "data" / script.parent.name)
+    w = scratch_checkout(tmp_path_factory.mktemp("readme"))
     for prepared in recipe_data.iterdir():
         if prepared.is_dir():
             for f in prepared.iterdir():
                 (w / "data" / prepared.name / f.name).symlink_to(f)
-    venv = w / ".venv" / "bin"  # what `make install` leaves; its timestamp says it is installed
-    venv.mkdir(parents=True)
-    for name, run in (("python", ""), ("python3", ""), ("torchrun", "-m torch.distributed.run")):
-        (venv / name).write_text(f'#!/bin/sh\nexec {sys.executable} {run} "$@"\n')
-        (venv / name).chmod(0o755)
-    (w / ".venv" / ".installed").touch()
     tiny_hf_gpt2(w / "weights" / "gpt2")
     shutil.copy(recipe_data / "docs.jsonl", w / "my.jsonl")
     return w
@@ -114,7 +115,6 @@ def run(cmd: str, cwd):
 
 NOT_RUN = [  # each with the reason the README gives
     "make test",
-    "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]'",
     "python data/shakespeare_char/prepare.py", "python data/shakespeare/prepare.py",
     "python data/openwebtext/prepare.py", "python data/openwebtext/prepare.py --streaming",
     "python data/fineweb_edu/prepare.py",
