@@ -196,3 +196,16 @@ def scratch_checkout(w: Path) -> Path:
     (w / ".venv" / ".installed").touch()  # its timestamp tells make that it is installed
     return w
 
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A two-node Slurm cluster on loopback (tests/slurm_cluster.py), one per test module."""
+    from slurm_cluster import Cluster, install
+    reason = install()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+

@@ -14,20 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY, read_metrics, run_module, run_torchrun, tiny_args, train_losses
-from slurm_cluster import Cluster, install
 
 COMMON = ["--train.global_batch_size=8", "--train.micro_batch_size=4", "--parallel.timeout_s=60"]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    reason = install()
-    if reason:
-        pytest.skip(reason)
-    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
 
 
 def sbatch(cluster, run_dir, data_root, *overrides, time_limit="10", env=None):

@@ -24,7 +24,6 @@ import time
 import pytest
 
 from conftest import GPT2_BPE, read_metrics, scratch_checkout
-from slurm_cluster import Cluster, install
 from test_readme import REPRODUCE, blocks, commands, section, strip
 
 SECTION = section(REPRODUCE)
@@ -76,17 +75,6 @@ def test_every_step_of_the_reproduction_is_known_here():
     assert {k for k in HOW if not any(strip(c).startswith(k) for c in cmds)} == set(), "a step left the README"
     assert len(blocks("python", SECTION)) == 1
     assert blocks("", SECTION)[0][0].startswith("gpt2_124m_fsdp: "), "the planner's output follows its command"
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    reason = install()
-    if reason:
-        pytest.skip(reason)
-    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
 
 
 def shrink(cmd: str, job: int | None) -> str:
