@@ -10,7 +10,9 @@ metadata is written (DCP writes it after every rank has finished its part) and t
 are recorded. A folder named step_<N> is therefore always whole when committed; resume checks
 that it still is (every file present, of its recorded size and checksum) before trusting it.
 An incomplete (.tmp) or damaged checkpoint is reported and skipped, never loaded and never
-deleted; clean-up counts only whole checkpoints of this run and never the one just written.
+deleted; clean-up counts and deletes only checkpoints of this run whose checksums it has
+verified, and never the one just written. Only a new save at the same step moves a damaged
+step_<N> out of its way, to step_<N>.damaged.
 
 Async saving (checkpoint.async_save): the state is copied to host memory, then written by a
 background thread while training goes on; rank 0 computes the checksums, commits and cleans up
@@ -25,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -235,18 +238,29 @@ class Verification:
         return path
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (meaning its newest complete checkpoint)."""
+def _warn(line: str):
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(path: str | Path, report=_warn) -> Path:
+    """A checkpoint folder (refused if damaged: it was named), or a run folder: its newest
+    checkpoint whose checksums verify. Each newer damaged one is reported, one line each, on
+    stderr by default (stdout is the commands' output: samples, eval's JSON)."""
     p = Path(path)
     if (p / ".metadata").is_file():
         why = problem(p, verify=True)
         if why:
             raise FileNotFoundError(f"{p} is not a usable checkpoint: {why}")
         return p
-    found = newest_complete(p, report=lambda *_: None)
-    if found is None:
-        raise FileNotFoundError(f"no complete checkpoint in {path}")
-    return found
+    skipped = []
+    for ckpt in reversed(checkpoints(p)):
+        why = problem(ckpt, verify=True)
+        if why is None:
+            for line in skipped:
+                report(f"checkpoint: skipping {line} (left in place); using {ckpt}")
+            return ckpt
+        skipped.append(f"{ckpt}: {why}")
+    raise FileNotFoundError(f"no complete checkpoint in {path}" + (f" ({'; '.join(skipped)})" if skipped else ""))
 
 
 # What a resumed run may not change: the shapes and meaning of the saved tensors. Anything else
@@ -353,6 +367,7 @@ class Checkpointer:
         self.root = Path(cfg.logging.run_dir) / "checkpoints"
         self.pending = None  # the save in flight: rank 0's commit, other ranks' DCP write
         self.verified = set()  # checkpoints whose checksums this process has checked or taken
+        self.damaged = set()  # checkpoints the clean-up found damaged (and left in place)
         self.group = None
         if cfg.checkpoint.async_save and dist.is_initialized():
             # The background writer's collectives get their own gloo group, so they never
@@ -458,23 +473,42 @@ class Checkpointer:
         self.purging = self.committer.submit(self._purge, final)
 
     def _purge(self, just_saved: Path):
-        """Keep the newest checkpoint.keep verified checkpoints of this run, every keep_every-th
-        for good, and always the one just saved. Damaged folders and other runs' checkpoints are
-        neither counted nor deleted. A folder is renamed before it is deleted, so a deletion cut
-        short never leaves a step_<N> that looks like a checkpoint."""
+        """Keep the newest checkpoint.keep checkpoints of this run, every keep_every-th for good,
+        and always the one just saved; delete the rest. Only a folder whose checksums this process
+        has verified is counted or deleted: other runs' checkpoints (and folders whose
+        checksums.json cannot say whose they are) are left as they are, and a damaged one of this
+        run is reported and left in place, as resume leaves it, never counted nor deleted. A
+        folder is renamed before it is deleted, so a deletion cut short never leaves a step_<N>
+        that looks like a checkpoint.
+
+        Verifying reads a whole checkpoint. That is affordable: this runs on rank 0's commit
+        thread, off the training loop (the next save waits for it only if it is not done by
+        then), and reads each checkpoint at most once per process. Those this process wrote or
+        resumed from are in self.verified already, so only the checkpoints of earlier processes
+        are read, once, before they are counted or deleted; those kept for good are neither, so
+        they are never read here."""
         keep, every = self.cfg.checkpoint.keep, self.cfg.checkpoint.keep_every
         if keep <= 0:
             return
-        ours = [p for p in checkpoints(self.root.parent)
-                if (read_manifest(p) or {}).get("run") == self.run_id and problem(p) is None]
         kept = 0
-        for path in reversed(ours):
-            if kept < keep:  # verify (once per process) only what is counted as kept
-                if path in self.verified or problem(path, verify=True) is None:
-                    self.verified.add(path)
-                    kept += 1
+        for path in reversed(checkpoints(self.root.parent)):
+            if (read_manifest(path) or {}).get("run") != self.run_id:
                 continue
-            if path != just_saved and not (every and step_of(path) % every == 0):
+            counted = kept < keep
+            if not counted and (path == just_saved or (every and step_of(path) % every == 0)):
+                continue  # kept, and not counted: no need to read it
+            if path not in self.verified:  # a checkpoint this process did not write nor resume from
+                if path in self.damaged:
+                    continue
+                if why := problem(path, verify=True):
+                    self.damaged.add(path)  # said once; a save at this step sets it aside (_commit)
+                    print(f"checkpoint: {path} is damaged ({why}); left in place, not counted nor deleted",
+                          flush=True)
+                    continue
+                self.verified.add(path)
+            if counted:
+                kept += 1
+            else:
                 shutil.rmtree(_set_aside(path, ".deleting"))
         for left in self.root.glob("step_*.deleting*"):  # a deletion cut short by a kill
             shutil.rmtree(left, ignore_errors=True)
@@ -490,7 +524,8 @@ class Checkpointer:
                               f"{len(extra)} tensors only in the checkpoint {extra[:3]}, "
                               f"{len(missing)} only in the model {missing[:3]}")
         dcp.load(state, checkpoint_id=path)
-        self.verified.add(path)  # resume verified it (rank 0, before choosing it)
+        if self.cfg.checkpoint.verify:  # resume verified it (rank 0, before choosing it)
+            self.verified.add(path)
         manifest = read_manifest(path) or {}
         if manifest.get("world_size", 0) != _world():
             return False  # another world size: dropout streams restart from the seed

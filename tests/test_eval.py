@@ -1,8 +1,10 @@
-"""Evaluation and plots: split loss, HellaSwag scoring on a local file, the curves figure."""
+"""Evaluation and plots: split loss, HellaSwag scoring on a local file, the curves figure, and
+which checkpoint of a run folder eval (and sample, convert) reads."""
 
 import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -192,3 +194,35 @@ def test_plot_draws_every_run_into_a_png(shakespeare_model, data_root, tmp_path)
     assert count_colour(img, "#1f77b4") > 500 and count_colour(img, "#ff7f0e") > 500
     assert count_colour(img, "#2ca02c") == 0
     assert math.isfinite(img.sum())
+
+
+# A run folder given to sample, convert or eval means its newest checkpoint whose checksums verify,
+# as a resume does: a damaged newer one is skipped, in one line on stderr, never read silently.
+
+@pytest.fixture(scope="module")
+def saved_twice(data_root, tmp_path_factory):
+    """A 4-step tiny run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("twice") / "run"
+    run_module("scaling.train", *tiny_args(data_root, run_dir, "--train.max_steps=4", "--checkpoint.every=2",
+                                           "--train.eval_every=0"), check=True)
+    return run_dir
+
+
+@pytest.mark.parametrize("command", ["sample", "convert", "eval"])
+def test_a_run_folder_with_a_damaged_newest_checkpoint_is_read_from_the_older_one_saying_so(
+        command, saved_twice, data_root, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved_twice, run)
+    older, newest = run / "checkpoints" / "step_2", run / "checkpoints" / "step_4"
+    shard = next(newest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1  # the same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    args = {"sample": [run, "--max-new-tokens", 4, "--device", "cpu"],
+            "convert": [run, tmp_path / "out.pt"],
+            "eval": [run, "loss", "--data", data_root / "shakes", "--sequences", 1, "--device", "cpu"]}[command]
+    p = run_module(f"scaling.{command}", *args)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == [f"warning: checkpoint: skipping {newest}: checksum mismatch in {shard.name} "
+                                     f"(the file changed after it was saved) (left in place); using {older}"]
+    assert shard.read_bytes() == data  # left as it was

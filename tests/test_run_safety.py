@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, read_metrics, run_module, tiny_args
-from scaling.checkpoint import MANIFEST, checkpoints, newest_complete, step_of
+from scaling.checkpoint import MANIFEST, checkpoints, newest_complete, problem, step_of
 from scaling.weights import load_model
 from scaling.config import load_config
 from scaling.guards import SpikeGuard
@@ -151,6 +151,41 @@ def test_a_damaged_newer_checkpoint_is_set_aside_never_counted_nor_overwritten(r
     assert [p.name for p in checkpoints(run_copy)] == ["step_6"]
 
 
+def test_clean_up_leaves_a_damaged_older_checkpoint_in_place_instead_of_deleting_it(run_copy, data_root, capsys):
+    # step_2 is past checkpoint.keep=1 once step_6 is saved: a size check alone would delete it.
+    step2 = run_copy / "checkpoints" / "step_2"
+    shard = next(step2.glob("*.distcp"))
+    flip_byte(shard)
+    damaged = snapshot(step2)
+    train_here(data_root, run_copy, "--train.max_steps=6", "--checkpoint.every=2", "--checkpoint.keep=1")
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["step_2", "step_6"]
+    assert snapshot(step2) == damaged
+    assert capsys.readouterr().out.count(f"checkpoint: {step2} is damaged (checksum mismatch in {shard.name}") == 1
+    assert problem(run_copy / "checkpoints" / "step_6", verify=True) is None
+
+
+def test_a_damaged_newest_checkpoint_is_not_counted_so_keep_2_keeps_the_good_older_one(run_copy, data_root):
+    # The resume falls back to step_2 and saves step_3 below the damaged step_4: counting step_4
+    # as one of the 2 kept would delete step_2, the only good checkpoint besides the new one.
+    step2 = run_copy / "checkpoints" / "step_2"
+    flip_byte(next((run_copy / "checkpoints" / "step_4").glob("*.distcp")))
+    good = snapshot(step2)
+    train_here(data_root, run_copy, "--train.max_steps=3", "--checkpoint.keep=2")
+    assert [p.name for p in checkpoints(run_copy)] == ["step_2", "step_3", "step_4"]  # step_4 left in place
+    assert snapshot(step2) == good
+
+
+def test_clean_up_never_counts_nor_deletes_another_runs_checkpoints(run_copy, data_root):
+    # step_2 stands for a checkpoint copied in from another run: its checksums.json names that run.
+    step2 = run_copy / "checkpoints" / "step_2"
+    manifest = json.loads((step2 / MANIFEST).read_text())
+    (step2 / MANIFEST).write_text(json.dumps({**manifest, "run": "another run"}))
+    theirs = snapshot(step2)
+    train_here(data_root, run_copy, "--train.max_steps=6", "--checkpoint.every=2", "--checkpoint.keep=1")
+    assert [p.name for p in checkpoints(run_copy)] == ["step_2", "step_6"]  # this run's step_4 deleted
+    assert snapshot(step2) == theirs
+
+
 def test_keep_1_never_deletes_the_checkpoint_just_written(run_copy, data_root):
     # Resume explicitly from the older step 2 while step 4 exists: the new step 3 is older than
     # step 4, yet it is the one this run just wrote.
@@ -163,6 +198,14 @@ def test_a_fresh_run_refuses_a_folder_that_holds_another_run(run_copy, data_root
     before = snapshot(run_copy)
     line = one_line_error(train_cli(data_root, run_copy, "--checkpoint.resume=none"))
     assert "logging.run_dir" in line and "already holds a run" in line
+    assert snapshot(run_copy) == before
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_only_another_runs_metrics(run_copy, data_root):
+    shutil.rmtree(run_copy / "checkpoints")  # its checkpoints moved away: its metrics.jsonl still says it ran
+    before = snapshot(run_copy)
+    line = one_line_error(train_cli(data_root, run_copy, "--checkpoint.resume=none"))
+    assert "logging.run_dir" in line and "already holds a run (metrics.jsonl)" in line, line
     assert snapshot(run_copy) == before
 
 
