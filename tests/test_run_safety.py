@@ -228,6 +228,7 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(data_root,
 
 # --- a hung or dead rank ends the job ------------------------------------------------------
 
+@pytest.mark.slow  # ~20 s; the Slurm frozen-rank job (tests/test_launch.py) is in the slow tier too
 def test_a_stopped_rank_ends_the_others_within_the_timeout_even_with_a_save_in_flight(data_root, tmp_path):
     timeout_s = 10
     p = start(command("fsdp2", data_root, tmp_path, "--train.max_steps=100000", "--checkpoint.every=1",
