@@ -1,10 +1,12 @@
 """The GPT-2 model: parity with Hugging Face, exact sizes, initialisation, generation."""
 
 import math
+import re
 
 import pytest
 import torch
 
+from conftest import run_module, tiny_args
 from scaling.weights import hf_to_ours, ours_to_hf
 from scaling.model import GPT, SIZES, gpt_config
 
@@ -164,3 +166,33 @@ def test_flops_per_token_follows_the_palm_formula_for_gpt2():
 def test_small_sizes_are_well_formed():
     for name, (layers, heads, width) in SIZES.items():
         assert width % heads == 0, name
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_root, tmp_path_factory):
+    """A tiny run folder and the parameter count its training printed."""
+    run_dir = tmp_path_factory.mktemp("run")
+    p = run_module("scaling.train", *tiny_args(data_root, run_dir, "--train.max_steps=2", "--train.eval_every=2",
+                                               "--logging.sample_tokens=0"), check=True)
+    return run_dir, int(re.search(r"model: ([\d,]+) parameters", p.stdout)[1].replace(",", ""))
+
+
+@pytest.mark.parametrize("form", ["run folder", "checkpoint folder", "pt", "hf", "nanogpt"])
+def test_a_loaded_model_has_its_lm_head_tied_to_the_embedding(form, trained_run, tmp_path):
+    """Loading materialises the model and fills both names from the saved tensors: an untied head
+    gives the same logits, so only identity (and the count, which then holds the table twice)
+    shows it. sample uses load_model (our folders), eval load_any (every format)."""
+    from scaling.weights import load_any, load_model, read_weights_and_tokenizer, write_weights
+    run_dir, printed = trained_run
+    if form == "run folder":
+        model = load_model(run_dir)[0]
+    elif form == "checkpoint folder":
+        model = load_model(run_dir / "checkpoints" / "step_2")[0]
+    else:
+        sd, cfg, vocab, tok = read_weights_and_tokenizer(run_dir)
+        dst = tmp_path / ("hf" if form == "hf" else f"{form}.pt")
+        write_weights(sd, cfg, dst, form, vocab, tok)
+        model = load_any(str(dst), "cpu")[0]
+    tied = model.lm_head.weight is model.wte.weight
+    assert tied, "lm_head.weight is a tensor of its own, not wte.weight"
+    assert model.num_params() == printed
