@@ -7,9 +7,13 @@ One torchrun of 4 processes builds the model under each layout the way scaling.t
 block_size is 65 so that padding for sequence parallelism (TP 2) can run past it.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from conftest import run_layout_probe, run_module, run_torchrun, tiny_args
+from conftest import ROOT, run_layout_probe, run_module, run_torchrun, tiny_args
 
 PROBE = r'''
 import json, sys
@@ -127,3 +131,68 @@ def test_end_of_training_sample_with_an_odd_prompt_is_what_scaling_sample_gives(
     s = run_module("scaling.sample", run, "--prompt", "ROMEO", "--max-new-tokens", "40", "--temperature", "0",
                    check=True)
     assert s.stdout.rstrip("\n") == sample
+
+
+# The real command, with generate() rigged: the logits of ids past the byte tokenizer's 257 (the
+# rows a padded vocabulary adds) raised far above the real ones, so they win every draw unless
+# generation is limited to the tokenizer's ids. The ids drawn are written to $DRAWN_IDS: the byte
+# tokenizer decodes by dropping ids it does not know, so the text alone would not show them.
+RIGGED = r'''
+import os, runpy, sys
+import torch
+from scaling.model import GPT
+
+real_generate = GPT.generate
+
+
+def generate(self, idx, *args, **kwargs):
+    def boost(module, inputs, logits):
+        return logits + (torch.arange(logits.shape[-1], device=logits.device) >= 257) * 1e4
+    hook = self.lm_head.register_forward_hook(boost)
+    try:
+        out = real_generate(self, idx, *args, **kwargs)
+    finally:
+        hook.remove()
+    with open(os.environ["DRAWN_IDS"], "a") as f:
+        f.write(" ".join(map(str, out[0, idx.shape[1]:].tolist())) + "\n")
+    return out
+
+
+GPT.generate = generate
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+'''
+
+
+def run_rigged(module, *args, ids_file):
+    """`python -m module args` with generate() rigged; (the process, the ids it drew)."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", DRAWN_IDS=str(ids_file))
+    p = subprocess.run([sys.executable, "-c", RIGGED, module, *map(str, args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    drawn = [int(i) for i in ids_file.read_text().split()] if ids_file.exists() else []
+    return p, drawn
+
+
+@pytest.fixture(scope="module")
+def padded_run(data_root, tmp_path_factory):
+    """A run with the byte vocabulary (257 ids) padded to 320 rows, its end-of-training sample
+    drawn rigged: (run folder, the ids that sample drew)."""
+    tmp = tmp_path_factory.mktemp("padded")
+    p, drawn = run_rigged("scaling.train", *tiny_args(data_root, tmp / "run", "--model.vocab_size=320",
+                                                      "--train.max_steps=2", "--train.eval_every=2",
+                                                      "--logging.sample_tokens=24"), ids_file=tmp / "ids")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp / "run", drawn
+
+
+def test_end_of_training_sample_never_draws_a_padded_id(padded_run):
+    _, drawn = padded_run
+    assert len(drawn) == 24
+    assert max(drawn) < 257, f"padded ids drawn: {sorted(set(i for i in drawn if i >= 257))}"
+
+
+def test_sample_command_never_draws_a_padded_id(padded_run, tmp_path):
+    run, _ = padded_run
+    p, drawn = run_rigged("scaling.sample", run, "--max-new-tokens", "24", ids_file=tmp_path / "ids")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(drawn) == 24
+    assert max(drawn) < 257, f"padded ids drawn: {sorted(set(i for i in drawn if i >= 257))}"
