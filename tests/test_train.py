@@ -3,6 +3,7 @@
 import json
 import math
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -169,8 +170,20 @@ def test_one_non_finite_batch_under_stop_leaves_the_last_good_step_newest(data_r
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_wandb_offline_run_holds_the_logged_keys(data_root, tmp_path):
-    run(data_root, tmp_path / "r", "--logging.wandb=true", "--logging.wandb_mode=offline")
+@pytest.fixture
+def wandb_threads_stopped():
+    """wandb's threads (its asyncio loop, its service finalizer) outlive finish(): stop them, so
+    that no later test in this process forks a loader worker from a process running them."""
+    yield
+    import wandb
+    wandb.teardown()
+
+
+def test_wandb_offline_run_holds_the_logged_keys(data_root, tmp_path, wandb_threads_stopped):
+    # No loader workers: a worker forked while wandb's threads run is a copy of a multi-threaded
+    # process, and one segfaulted here once. This test is about wandb's record, not the loader.
+    wandb_run = ("--logging.wandb=true", "--logging.wandb_mode=offline", "--data.workers=0")
+    run(data_root, tmp_path / "r", *wandb_run)
     runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run_id = (tmp_path / "r" / "wandb_id").read_text()
@@ -187,17 +200,30 @@ def test_wandb_offline_run_holds_the_logged_keys(data_root, tmp_path):
     for key in keys:
         assert key.encode() in data, key
     # A resumed run continues the same wandb run.
-    run(data_root, tmp_path / "r", "--logging.wandb=true", "--logging.wandb_mode=offline", "--train.max_steps=10")
+    run(data_root, tmp_path / "r", *wandb_run, "--train.max_steps=10")
     assert (tmp_path / "r" / "wandb_id").read_text() == run_id
 
 
 def count_host_reads(monkeypatch, data_root, run_dir, steps):
     """Calls that copy a tensor's value to the host (on a GPU: a sync that drains its queue of
-    work) during a run of `steps` steps that logs, evaluates and checkpoints only at its end."""
+    work) during a run of `steps` steps that logs, evaluates and checkpoints only at its end:
+    reads of a value (item, tolist, bool, float, int) and copies (.cpu(), .numpy(), .to("cpu"))."""
     calls = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: calls.append(_n) or _real(self, *a))
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _real=real, _n=name, **k: calls.append(_n) or _real(self, *a, **k))
+    real_to = torch.Tensor.to
+
+    def to(self, *a, **k):
+        # On a CPU run a copy to the host is a no-op, but on a GPU the same call waits for the device.
+        # Only a device named by a string counts: a torch.device is the run's device passed along
+        # (the batch to the model, torch's own clipping), which on a CPU run is the CPU as well.
+        target = k.get("device", a[0] if a else None)
+        if isinstance(target, str) and torch.device(target).type == "cpu":
+            calls.append("to cpu")
+        return real_to(self, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "to", to)
     run(data_root, run_dir, f"--train.max_steps={steps}", f"--logging.every={steps}", f"--train.eval_every={steps}",
         f"--checkpoint.every={steps}", "--logging.sample_tokens=0", "--train.micro_batch_size=2")
     monkeypatch.undo()
@@ -208,4 +234,5 @@ def test_a_training_step_reads_nothing_back_to_the_host_outside_log_eval_and_che
         monkeypatch, data_root, tmp_path):
     # Same number of log, evaluation and checkpoint steps; 3x the plain steps.
     short, long = (count_host_reads(monkeypatch, data_root, tmp_path / str(n), n) for n in (4, 12))
-    assert sorted(short) == sorted(long)
+    short, long = Counter(short), Counter(long)
+    assert short == long, f"the 8 more plain steps read {dict(long - short)} back to the host"
