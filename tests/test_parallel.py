@@ -97,9 +97,8 @@ def test_bf16_layout_matches_single_process_bf16(layout, single_bf16, data_root,
     assert val_losses(read_metrics(tmp_path)) == pytest.approx(val_losses(read_metrics(single_bf16)), abs=1e-3)
 
 
-def test_bf16_runs_blocks_in_bf16_on_fp32_master_weights_and_gives_the_loss_fp32_logits():
-    """One process takes the same mixed-precision path as every layout (FSDP2's policy over a
-    mesh of one): the residual stream is bf16, the parameters and logits fp32."""
+def bf16_model_in_one_process():
+    """A tiny bf16 model built as training builds it, FSDP2 over a mesh of one."""
     from scaling.config import load_config
     from scaling.distributed import init
     from scaling.parallel import ParallelDims, build_mesh
@@ -109,7 +108,13 @@ def test_bf16_runs_blocks_in_bf16_on_fp32_master_weights_and_gives_the_loss_fp32
     init("cpu", 60)
     dims = ParallelDims(1, 1, 1)
     mesh, _ = build_mesh(dims, "cpu")
-    model = build_model(cfg, 64, dims, mesh, torch.device("cpu"))
+    return build_model(cfg, 64, dims, mesh, torch.device("cpu"))
+
+
+def test_bf16_runs_blocks_in_bf16_on_fp32_master_weights_and_gives_the_loss_fp32_logits():
+    """One process takes the same mixed-precision path as every layout (FSDP2's policy over a
+    mesh of one): the residual stream is bf16, the parameters and logits fp32."""
+    model = bf16_model_in_one_process()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # what the optimizer steps
     seen = []
     model.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
@@ -121,16 +126,7 @@ def test_bf16_reduces_gradients_in_fp32_in_every_fsdp_group():
     """Gradients reduced in bf16 lose ~3 digits per sum, yet the tiny parity runs differ by
     only ~1e-4 in loss either way: so check the policy itself, on every FSDP group."""
     from torch.distributed.fsdp import FSDPModule
-    from scaling.config import load_config
-    from scaling.distributed import init
-    from scaling.parallel import ParallelDims, build_mesh
-    from scaling.train import build_model
-    cfg = load_config(None, ["--model.size=tiny", "--model.block_size=16", "--model.vocab_size=64",
-                             "--train.dtype=bf16", "--parallel.dp_shard=1"])
-    init("cpu", 60)
-    dims = ParallelDims(1, 1, 1)
-    mesh, _ = build_mesh(dims, "cpu")
-    model = build_model(cfg, 64, dims, mesh, torch.device("cpu"))
+    model = bf16_model_in_one_process()
     groups = {name: m._get_fsdp_state()._fsdp_param_group for name, m in model.named_modules()
               if isinstance(m, FSDPModule)}
     assert set(groups) == {"", *(f"blocks.{i}" for i in range(len(model.blocks)))}
