@@ -274,13 +274,11 @@ def run_record(ckpt: Path, name: str) -> dict:
         dcp.load({"train": train}, checkpoint_id=ckpt)
         record.update({k: int(v) for k, v in train.items()})
     last = None
-    with contextlib.suppress(OSError, UnicodeDecodeError, TypeError):  # TypeError: no run folder
-        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):  # a line cut short by a crash
-                r = json.loads(line)
-                if (isinstance(r, dict) and isinstance(r.get("val_loss"), (int, float))
-                        and isinstance(r.get("step"), int) and r["step"] <= record.get("step", r["step"])):
-                    last = r  # the newest: a run resumed from an older checkpoint logs its steps again
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        from scaling.metrics import read_metrics  # skips (and names) damaged lines
+        for r in read_metrics(run_dir / "metrics.jsonl"):
+            if isinstance(r.get("val_loss"), (int, float)) and r["step"] <= record.get("step", r["step"]):
+                last = r  # the newest: a run resumed from an older checkpoint logs its steps again
     if last is not None:
         record.update(val_loss=last["val_loss"], val_step=last["step"])
     return record
