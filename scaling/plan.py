@@ -41,7 +41,6 @@ holds, so the sharding term is checked against real sharding rather than trusted
 import argparse
 import functools
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -163,15 +162,7 @@ def plan(cfg: Config, gpus: int, gpu: str, gpu_mem_gb: float | None, mfu: float,
 
 def load_for_world(recipe: str, gpus: int, overrides=()) -> Config:
     """The recipe resolved as if launched on `gpus` ranks."""
-    old = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(gpus)
-    try:
-        return load_config(recipe, list(overrides))
-    finally:
-        if old is None:
-            del os.environ["WORLD_SIZE"]
-        else:
-            os.environ["WORLD_SIZE"] = old
+    return load_config(recipe, list(overrides), world=gpus)
 
 
 def duration(seconds: float) -> str:
