@@ -37,7 +37,7 @@ test-all: test test-slow
 bench: install
 	$(BIN)/python -m scaling.bench
 
-# The GPU acceptance run (about 8 minutes on one GPU; on a CPU it runs its CPU parts only).
+# The GPU acceptance run (sized for minutes on one GPU, not yet timed on one; on a CPU it runs its CPU parts only).
 # GPU machines often have torch but no network: this runs the checkout in place with whatever
 # Python has torch (the .venv if there is one), installing nothing.
 gpu-check:
