@@ -70,7 +70,10 @@ def test_time_limit_signal_from_slurm_saves_requeues_and_resumes(slurm, data_roo
     logs = "".join(f.read_text() for f in (tmp_path / "logs").iterdir())
     saved = [int(x.split()[0].rstrip(",")) for x in logs.split("saved step ")[1:]]
     resumed = [int(x.split()[0]) for x in logs.split(" at step ")[1:]]
-    assert saved and sorted(set(saved)) == sorted(set(resumed)), logs
+    # Every stop-save was resumed from. A job whose signal came as its training was ending (seen
+    # once in CI: the second job was signalled 60 s after the first, at step ~1000) is requeued too
+    # and resumes the finished run from its final checkpoint, step 1000, training nothing.
+    assert saved and set(saved) <= set(resumed) <= set(saved) | {1000}, logs
     assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 1001))
     first = min(resumed)
     run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path / "whole", *COMMON, *steps,
