@@ -3,6 +3,15 @@
 Prints parameters, FLOPs per token, per-GPU memory by part, whether it fits, the largest micro
 batch that fits, and step time and time to the recipe's tokens at an assumed MFU.
 
+The model is the one training will build: the recipe's model.vocab_size, else the vocabulary of
+the prepared dataset (<data.root>/<data.dataset>/meta.json), else the size of the recipe's
+data.tokenizer (byte 257, gpt2 50257); failing all three (a char dataset not yet prepared) it
+assumes GPT-2's 50257 and says so on its first line. --vocab-size overrides the dataset's.
+
+--device cpu plans CPU processes instead: memory per process, and all processes on one machine
+(or --gpus-per-node of them) against this machine's RAM (or --gpu-mem). No throughput: a CPU has
+no peak FLOP/s to scale by an MFU, so time a few steps of scaling.train instead.
+
 Memory per rank (bytes), P parameters, s sequence length, b micro batch, h width, L layers,
 V vocabulary, t tensor-parallel degree, d the FSDP shard degree:
 - parameters, gradients, AdamW m and v: 4 bytes each per parameter (fp32 master weights; bf16
@@ -41,16 +50,21 @@ holds, so the sharding term is checked against real sharding rather than trusted
 import argparse
 import functools
 import math
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from scaling.config import Config, ConfigError, die, load_config, model_config
+from scaling.data import load_meta
 from scaling.model import GPT, gpt_config
+from scaling.tokenizer import ByteTokenizer, GPT2Tokenizer
 
 GPUS = {"a100": (312e12, 80), "h100": (989e12, 80), "h200": (989e12, 141), "a10g": (125e12, 24),
         "l4": (121e12, 24), "b200": (2250e12, 192)}
 CUDA_RUNTIME_GB = 1.5
 GB = 1e9
+TOKENIZER_VOCAB = {"byte": ByteTokenizer.vocab_size, "gpt2": GPT2Tokenizer.vocab_size}  # char: its dataset's alphabet
 
 
 @dataclass
@@ -135,29 +149,60 @@ def process_rss() -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
+def dataset_vocab(cfg: Config) -> tuple[int, str | None]:
+    """The tokenizer's vocabulary as training will find it, without preparing anything: the
+    prepared dataset's, else the recipe's tokenizer's; else GPT-2's, with a note saying so."""
+    d = Path(cfg.data.root) / cfg.data.dataset
+    if (d / "meta.json").is_file():
+        return load_meta(d)["vocab_size"], None
+    if cfg.data.tokenizer in TOKENIZER_VOCAB:
+        return TOKENIZER_VOCAB[cfg.data.tokenizer], None
+    return GPT2Tokenizer.vocab_size, (f"assuming GPT-2's vocabulary of 50,257 tokens: dataset '{cfg.data.dataset}' "
+                                      f"is not prepared at {d} (prepare it, or pass --vocab-size)")
+
+
+def ram_bytes() -> float:
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def largest_micro_batch(cfg, sh, device, capacity) -> int:
     fixed = sum(memory(cfg, sh, 0, device).values())
     per_b = sum(memory(cfg, sh, 1, device).values()) - fixed
     return max(0, int((capacity - fixed) // per_b))
 
 
-def plan(cfg: Config, gpus: int, gpu: str, gpu_mem_gb: float | None, mfu: float, device: str,
-         vocab_size: int = 50257, gpus_per_node: int = 8) -> dict:
+def plan(cfg: Config, gpus: int, gpu: str | None, gpu_mem_gb: float | None, mfu: float | None, device: str,
+         vocab_size: int | None = None, gpus_per_node: int | None = None) -> dict:
+    """vocab_size: the tokenizer's (None: the dataset's, see dataset_vocab). On CPU, gpu and mfu
+    are not used, and gpus_per_node (default: all processes) is processes per machine."""
+    note = None
+    if vocab_size is None:
+        vocab_size, note = dataset_vocab(cfg)
     sh = shape_of(cfg, vocab_size)
     t = cfg.train
     mem = memory(cfg, sh, t.micro_batch_size, device)
-    peak, default_mem = GPUS[gpu]
-    capacity = (gpu_mem_gb or default_mem) * GB
     total = sum(mem.values())
     tokens_per_step = t.global_batch_size * t.seq_len
+    r = {"parameters": sh.P, "flops_per_token": sh.flops_per_token, "vocab_size": vocab_size, "vocab_note": note,
+         "memory": mem, "total": total, "tokens_per_step": tokens_per_step, "run_tokens": tokens_per_step * t.max_steps}
+    if device == "cpu":
+        # Processes on one machine share its RAM; a CPU has no peak FLOP/s to take an MFU of.
+        per_machine = min(gpus, gpus_per_node or gpus)
+        capacity = gpu_mem_gb * GB if gpu_mem_gb else ram_bytes()
+        r.update(capacity=capacity, fits=total * per_machine <= capacity, per_machine=per_machine,
+                 largest_micro_batch=largest_micro_batch(cfg, sh, device, capacity / per_machine),
+                 step_s=None, tokens_per_sec=None, run_s=None, traffic=traffic(cfg, sh, per_machine),
+                 gpus_per_node=per_machine)
+        return r
+    gpus_per_node = gpus_per_node or 8
+    peak, default_mem = GPUS[gpu]
+    capacity = (gpu_mem_gb or default_mem) * GB
     step_s = tokens_per_step * sh.flops_per_token / (gpus * peak * mfu)
-    return {"parameters": sh.P, "flops_per_token": sh.flops_per_token, "memory": mem, "total": total,
-            "capacity": capacity, "fits": total <= capacity,
-            "largest_micro_batch": largest_micro_batch(cfg, sh, device, capacity),
-            "tokens_per_step": tokens_per_step, "step_s": step_s,
-            "tokens_per_sec": tokens_per_step / step_s, "run_s": step_s * t.max_steps,
-            "run_tokens": tokens_per_step * t.max_steps, "traffic": traffic(cfg, sh, gpus_per_node),
-            "gpus_per_node": gpus_per_node}
+    r.update(capacity=capacity, fits=total <= capacity,
+             largest_micro_batch=largest_micro_batch(cfg, sh, device, capacity),
+             step_s=step_s, tokens_per_sec=tokens_per_step / step_s, run_s=step_s * t.max_steps,
+             traffic=traffic(cfg, sh, gpus_per_node), gpus_per_node=gpus_per_node)
+    return r
 
 
 def load_for_world(recipe: str, gpus: int, overrides=()) -> Config:
@@ -173,22 +218,31 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def report(cfg: Config, r: dict, gpus: int, gpu: str, mfu: float) -> str:
-    p = cfg.parallel
-    lines = [f"{cfg.name}: {r['parameters']:,} parameters, {r['flops_per_token'] / 1e9:.2f} GFLOPs/token, "
-             f"{gpus} x {gpu} (dp_replicate={p.dp_replicate}, dp_shard={p.dp_shard}, tp={p.tp}, "
-             f"activation_checkpoint={p.activation_checkpoint})",
-             f"per rank, micro batch {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens:"]
+def report(cfg: Config, r: dict, gpus: int, gpu: str | None, mfu: float | None, device: str) -> str:
+    p, cpu = cfg.parallel, device == "cpu"
+    lines = [r["vocab_note"]] if r["vocab_note"] else []  # first: every figure below rests on it
+    lines.append(f"{cfg.name}: {r['parameters']:,} parameters, {r['flops_per_token'] / 1e9:.2f} GFLOPs/token, "
+                 f"{f'{gpus} CPU processes' if cpu else f'{gpus} x {gpu}'} (dp_replicate={p.dp_replicate}, "
+                 f"dp_shard={p.dp_shard}, tp={p.tp}, activation_checkpoint={p.activation_checkpoint})")
+    lines.append(f"per {'process' if cpu else 'rank'}, micro batch {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens:")
     for k, v in r["memory"].items():
         lines.append(f"  {k:17} {v / GB:8.2f} GB")
-    lines.append(f"  {'total':17} {r['total'] / GB:8.2f} GB of {r['capacity'] / GB:.0f} GB: "
-                 f"{'fits' if r['fits'] else 'DOES NOT FIT'}; largest micro batch that fits: {r['largest_micro_batch']}")
-    lines.append(f"at {mfu:.0%} MFU: {r['tokens_per_sec']:,.0f} tokens/s, {r['step_s']:.2f} s per step of "
-                 f"{r['tokens_per_step']:,} tokens, {duration(r['run_s'])} for {cfg.train.max_steps:,} steps "
-                 f"({r['run_tokens'] / 1e9:.1f}B tokens)")
+    verdict = f"{'fits' if r['fits'] else 'DOES NOT FIT'}; largest micro batch that fits: {r['largest_micro_batch']}"
+    if cpu:
+        lines.append(f"  {'total':17} {r['total'] / GB:8.2f} GB; {r['per_machine']} processes per machine: "
+                     f"{r['per_machine'] * r['total'] / GB:.2f} GB of {r['capacity'] / GB:.1f} GB RAM: {verdict}")
+        lines.append(f"throughput: not planned on CPU (it has no peak FLOP/s to scale; time a few steps instead): "
+                     f"{r['tokens_per_step']:,} tokens per step, {cfg.train.max_steps:,} steps "
+                     f"({r['run_tokens'] / 1e9:.1f}B tokens)")
+    else:
+        lines.append(f"  {'total':17} {r['total'] / GB:8.2f} GB of {r['capacity'] / GB:.0f} GB: {verdict}")
+        lines.append(f"at {mfu:.0%} MFU: {r['tokens_per_sec']:,.0f} tokens/s, {r['step_s']:.2f} s per step of "
+                     f"{r['tokens_per_step']:,} tokens, {duration(r['run_s'])} for {cfg.train.max_steps:,} steps "
+                     f"({r['run_tokens'] / 1e9:.1f}B tokens)")
     tr = r["traffic"]
     lines.append(f"FSDP traffic per rank per step: {tr['inter_node'] / GB:.2f} GB over the inter-node link, "
-                 f"{tr['intra_node'] / GB:.2f} GB within a node ({r['gpus_per_node']} GPUs per node)")
+                 f"{tr['intra_node'] / GB:.2f} GB within a node ({r['gpus_per_node']} "
+                 f"{'processes' if cpu else 'GPUs'} per node)")
     return "\n".join(lines)
 
 
@@ -230,36 +284,44 @@ def parse_gb(text: str) -> float:
 def check_args(a):
     """The numbers plan() divides by and counts with; argparse checks only their types."""
     for opt, value in (("--gpus", a.gpus), ("--vocab-size", a.vocab_size), ("--gpus-per-node", a.gpus_per_node)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{opt}: must be >= 1, got {value}")
-    if not 0 < a.mfu <= 1:
+    if a.mfu is not None and not 0 < a.mfu <= 1:
         raise ValueError(f"--mfu: must be in (0, 1] (a fraction of peak), got {a.mfu}")
+    for opt, value in (("--gpu", a.gpu), ("--mfu", a.mfu)):
+        if a.device == "cpu" and value is not None:
+            raise ValueError(f"{opt}: plans a GPU, but --device cpu plans CPU processes")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.plan", description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
     ap.add_argument("--gpus", type=int, required=True, help="world size (GPUs, or CPU processes)")
-    ap.add_argument("--gpu", default="h100", choices=list(GPUS))
-    ap.add_argument("--gpu-mem", help="memory per GPU, e.g. 80GB (default: the GPU's)")
-    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="plan a CPU run instead")
-    ap.add_argument("--vocab-size", type=int, default=50257, help="when the recipe leaves it to the dataset")
-    ap.add_argument("--gpus-per-node", type=int, default=8, help="which collectives stay on a node's NVLink")
+    ap.add_argument("--gpu", choices=list(GPUS), help="default: h100")
+    ap.add_argument("--gpu-mem", help="memory per GPU, e.g. 80GB (default: the GPU's); with --device cpu, "
+                                      "the machine's (default: this machine's RAM)")
+    ap.add_argument("--mfu", type=float, help="assumed model FLOPs utilisation (default: 0.4)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: plan CPU processes (memory against RAM, no throughput)")
+    ap.add_argument("--vocab-size", type=int, help="the tokenizer's (default: the prepared dataset's)")
+    ap.add_argument("--gpus-per-node", type=int, help="which collectives stay on a node's NVLink "
+                                                      "(default: 8; with --device cpu, all processes)")
     ap.add_argument("--measure", action="store_true", help="also count each rank's real shard (CPU processes)")
     ap.error = die  # one line, like every bad input, not argparse's usage block
     a, a.overrides = ap.parse_known_args(argv)  # the rest: --section.key=value overrides
     try:
         check_args(a)
+        if a.device == "cuda":
+            a.gpu, a.mfu = a.gpu or "h100", a.mfu or 0.4
         cfg = load_for_world(a.recipe, a.gpus, a.overrides)
         r = plan(cfg, a.gpus, a.gpu, parse_gb(a.gpu_mem) if a.gpu_mem else None, a.mfu, a.device, a.vocab_size,
                  a.gpus_per_node)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError) as e:  # a DataError (a broken meta.json) is a ValueError
         die(str(e))
-    print(report(cfg, r, a.gpus, a.gpu, a.mfu))
+    print(report(cfg, r, a.gpus, a.gpu, a.mfu, a.device))
     if a.measure:
         cfg.parallel.compile = False
-        counts = measure(cfg, a.gpus, a.vocab_size)
+        counts = measure(cfg, a.gpus, r["vocab_size"])
         predicted = r["memory"]["parameters"] / 4
         print("measured parameter elements per rank: " + ", ".join(f"{c:,}" for c in counts)
               + f" (planned {predicted:,.0f}; largest off by {max(abs(c / predicted - 1) for c in counts):.2%})")

@@ -130,7 +130,10 @@ def test_planned_peak_memory_of_a_cpu_run_is_within_20_percent_of_its_peak_rss(d
     (["--gpus", "8", "--mfu", "1.5"], "--mfu: must be in (0, 1] (a fraction of peak), got 1.5"),
     (["--gpus", "8", "--vocab-size", "0"], "--vocab-size: must be >= 1, got 0"),
     (["--gpus", "x"], "argument --gpus: invalid int value: 'x'"),
-], ids=["gpus-0", "gpus-negative", "gpu-mem-garbage", "gpu-mem-0", "mfu-0", "mfu-above-1", "vocab-0", "gpus-not-int"])
+    (["--gpus", "2", "--device", "cpu", "--gpu", "a100"], "--gpu: plans a GPU, but --device cpu plans CPU processes"),
+    (["--gpus", "2", "--device", "cpu", "--mfu", "0.5"], "--mfu: plans a GPU, but --device cpu plans CPU processes"),
+], ids=["gpus-0", "gpus-negative", "gpu-mem-garbage", "gpu-mem-0", "mfu-0", "mfu-above-1", "vocab-0", "gpus-not-int",
+        "cpu-with-gpu", "cpu-with-mfu"])
 def test_bad_plan_argument_exits_2_with_one_line_naming_it(args, message, capsys):
     from scaling.plan import main
     with pytest.raises(SystemExit) as e:
@@ -185,3 +188,66 @@ def test_planned_traffic_per_step_is_what_fsdp_sends(layout, nproc, data_root, t
     cfg = load_for_world(str(TINY), nproc, [f"--data.root={data_root}", *overrides])
     planned = sum(traffic(cfg, shape_of(cfg, 256), gpus_per_node=8).values())
     assert all(m == pytest.approx(planned, rel=0.01) for m in measured), (measured, planned)
+
+
+def plan_output(capsys, recipe, *args) -> list[str]:
+    from scaling.plan import main
+    main([str(ROOT / "recipes" / recipe), *args])
+    return capsys.readouterr().out.splitlines()
+
+
+def params_with_vocab(recipe, vocab_size) -> int:
+    import torch
+    from scaling.config import model_config
+    from scaling.model import GPT
+    with torch.device("meta"):
+        return GPT(model_config(load_for_world(str(ROOT / "recipes" / recipe), 1), vocab_size)).num_params()
+
+
+def test_the_planner_counts_the_parameters_of_the_datasets_vocabulary(tmp_path, capsys):
+    """A char dataset's vocabulary is its alphabet: only its meta.json knows it (65 for Shakespeare)."""
+    import json
+    (tmp_path / "shakespeare_char").mkdir()
+    chars = "".join(chr(c) for c in range(32, 32 + 65))
+    (tmp_path / "shakespeare_char" / "meta.json").write_text(json.dumps(
+        {"tokenizer": "char", "vocab_size": 65, "chars": chars, "splits": {}}))
+    out = plan_output(capsys, "shakespeare_char.yaml", "--gpus", "1", f"--data.root={tmp_path}")
+    assert out[0].startswith(f"shakespeare_char: {params_with_vocab('shakespeare_char.yaml', 65):,} parameters,"), out[0]
+
+
+def test_an_unprepared_dataset_is_planned_with_its_tokenizers_vocabulary(tmp_path, capsys):
+    out = plan_output(capsys, "cpu_demo.yaml", "--gpus", "2", f"--data.root={tmp_path}")  # byte: 257 ids
+    assert out[0].startswith(f"cpu_demo: {params_with_vocab('cpu_demo.yaml', 257):,} parameters,"), out[0]
+
+
+def test_an_unprepared_dataset_is_planned_with_gpt2s_vocabulary_saying_so_first(tmp_path, capsys):
+    out = plan_output(capsys, "shakespeare_char.yaml", "--gpus", "1", f"--data.root={tmp_path}")  # char: no size
+    assert out[0] == (f"assuming GPT-2's vocabulary of 50,257 tokens: dataset 'shakespeare_char' is not prepared "
+                      f"at {tmp_path / 'shakespeare_char'} (prepare it, or pass --vocab-size)")
+    assert out[1].startswith(f"shakespeare_char: {params_with_vocab('shakespeare_char.yaml', 50257):,} parameters,")
+
+
+def test_the_planned_parameter_count_is_what_training_prints(data_root, tmp_path, capsys):
+    """tests/tiny.yaml names no tokenizer: the count comes from the prepared dataset (bytes)."""
+    from scaling.plan import main
+    p = run_module("scaling.train", *tiny_args(data_root, tmp_path, "--train.max_steps=1", "--train.eval_every=0",
+                                               "--logging.sample_tokens=0"), check=True)
+    trained = re.search(r"model: ([\d,]+) parameters", p.stdout)
+    assert trained, p.stdout
+    main([str(ROOT / "tests" / "tiny.yaml"), "--gpus", "1", f"--data.root={data_root}"])
+    assert capsys.readouterr().out.startswith(f"tiny: {trained.group(1)} parameters,")
+
+
+def test_cpu_plans_name_no_gpu_and_no_gpu_throughput(tmp_path, capsys):
+    from scaling.plan import GPUS, ram_bytes
+    out = "\n".join(plan_output(capsys, "cpu_demo.yaml", "--gpus", "2", "--device", "cpu", f"--data.root={tmp_path}"))
+    assert "2 CPU processes" in out and f"GB of {ram_bytes() / 1e9:.1f} GB RAM" in out, out
+    assert not any(gpu in out for gpu in GPUS) and "MFU" not in out and "tokens/s" not in out, out
+
+
+def test_cpu_plans_fit_all_processes_of_a_machine_into_its_memory():
+    cfg = load_for_world(str(ROOT / "recipes" / "cpu_demo.yaml"), 2)
+    one = plan(cfg, 2, "h100", None, 0.4, "cpu", vocab_size=257)["total"]
+    room = 1.5 * one / 1e9  # one process fits, two on the machine do not
+    assert not plan(cfg, 2, "h100", room, 0.4, "cpu", vocab_size=257)["fits"]
+    assert plan(cfg, 2, "h100", room, 0.4, "cpu", vocab_size=257, gpus_per_node=1)["fits"]  # one per machine
