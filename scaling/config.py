@@ -4,6 +4,7 @@ Every mistake a user can make in a recipe or on the command line becomes a Confi
 one line that names the key; the entry points print it and exit with code 2.
 """
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -241,7 +242,15 @@ def load_config(path: str | None, overrides: list[str] = (), world: int | None =
 
     world and per_node (processes in all and on each node) default to what the launcher
     announced; give them to check a recipe at a layout without launching it."""
-    cfg = Config()
+    cfg, _ = _read(path, overrides)
+    resolve(cfg, world, per_node)
+    return cfg
+
+
+def _read(path: str | None, overrides: list[str]) -> tuple[Config, dict[str, str]]:
+    """Recipe file + overrides -> the Config before resolve(), and for each key they set, which
+    of the two set it last ('recipe' or 'override'): what --help shows."""
+    cfg, given = Config(), {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -262,10 +271,11 @@ def load_config(path: str | None, overrides: list[str] = (), world: int | None =
                 raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
             for k, v in values.items():
                 _set(cfg, f"{section}.{k}", v)
+                given[f"{section}.{k}"] = "recipe"
     for key, value in parse_overrides(list(overrides)):
         _set(cfg, key, value)
-    resolve(cfg, world, per_node)
-    return cfg
+        given[key] = "override"
+    return cfg, given
 
 
 def resolve(cfg: Config, world: int | None = None, per_node: int | None = None):
@@ -409,34 +419,108 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML: a run's config.yaml and --print-config; load_config reads it back."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path):
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(config_yaml(cfg))
 
 
-def config_help() -> str:
-    """Every key with its type, default and documentation: the output of --help."""
-    lines = []
+def config_help(path: str | None = None, overrides: list[str] = (), world: int | None = None) -> str:
+    """Every key with its type and documentation: the output of --help. Without a recipe, each
+    key's default; with one, the value it will run with (overrides applied, resolved for the world
+    size) and where that value came from."""
+    cfg = Config()
+    if path is None:
+        lines = []
+    else:
+        cfg, given = _read(path, overrides)
+        before = copy.deepcopy(cfg)
+        resolve(cfg, world)
+        lines = [_what(path, overrides, world),
+                 "[source] of each value: default (the schema), recipe, override (the command line), or",
+                 "derived (filled in for this recipe and world size)", ""]
     for section, t in _section_types().items():
         lines.append(f"{section}:")
         hints = typing.get_type_hints(t)
         for f in dataclasses.fields(t):
+            key, doc = f"{section}.{f.name}", f.metadata["doc"]
             typ = str(hints[f.name]).replace("NoneType", "None").replace("<class '", "").replace("'>", "")
-            lines.append(f"  {section}.{f.name} ({typ}, default {f.default!r}): {f.metadata['doc']}")
+            if path is None:
+                lines.append(f"  {key} ({typ}, default {f.default!r}): {doc}")
+                continue
+            value, source = _get(cfg, key), given.get(key, "default")
+            if value != _get(before, key):  # resolve() filled in a null or turned a -1 into a degree
+                source = "derived" if source == "default" else f"derived from {source} {_get(before, key)!r}"
+            lines.append(f"  {key} ({typ}) = {value!r}  [{source}]: {doc}")
     return "\n".join(lines)
 
 
-def main_with_config(argv: list[str], usage: str):
-    """Parse 'RECIPE [--a.b=c ...]' for an entry point; bad input exits 2 with one line."""
-    if any(a in ("-h", "--help") for a in argv):  # anywhere on the line, as users type it
-        print(usage + "\n\n" + config_help())
-        sys.exit(0)
-    if not argv or argv[0].startswith("--"):
-        die(f"usage: {usage}")
-    try:
-        return load_config(argv[0], argv[1:])
-    except ConfigError as e:
-        die(str(e))
+def _what(path: str, overrides: list[str], world: int | None) -> str:
+    """'recipes/x.yaml + 2 overrides, resolved for 16 processes': the first line of --help and --print-config."""
+    from scaling.distributed import world_size
 
+    n, k = world or world_size(), len(parse_overrides(list(overrides)))
+    changes = f" + {k} override{'s' if k > 1 else ''}" if k else ""
+    return f"{path}{changes}, resolved for {n} process{'es' if n > 1 else ''}"
+
+
+FLAGS = """  --help          with RECIPE: each key's value for it and where the value came from
+  --print-config  print the resolved recipe as YAML (a run's config.yaml) and exit; starts nothing
+  --world N       with --help or --print-config: resolve for N processes (default: WORLD_SIZE, else 1)"""
+
+
+def _take(argv: list[str], flag: str) -> str | None:
+    """Remove '--flag N' or '--flag=N' from argv and return N (None when absent)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+        if arg == flag:
+            if i + 1 == len(argv):
+                raise ConfigError(f"{flag}: no value given (use {flag}=N)")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+    return None
+
+
+def _world(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--world: expected a number of processes >= 1, got {text!r}")
+    return int(text)
+
+
+def main_with_config(argv: list[str], usage: str):
+    """Parse 'RECIPE [--a.b=c ...] [--help | --print-config [--world N]]' for an entry point.
+
+    Bad input exits 2 with one line, said by rank 0 alone: under torchrun every rank reads the same
+    recipe and would print the same line."""
+    argv = list(argv)
+    helping = any(a in ("-h", "--help") for a in argv)  # anywhere on the line, as users type it
+    printing = "--print-config" in argv
+    argv = [a for a in argv if a not in ("-h", "--help", "--print-config")]
+    try:
+        world = _world(_take(argv, "--world"))
+        if world and not (helping or printing):
+            raise ConfigError("--world: only with --print-config or --help (a run's world size is the launcher's)")
+        recipe = argv[0] if argv and not argv[0].startswith("-") else None
+        if helping:
+            print(f"usage: {usage}\n{FLAGS}\n\n{config_help(recipe, argv[1:], world)}")
+            sys.exit(0)
+        if recipe is None:
+            die(f"usage: {usage}", every_rank=False)
+        cfg = load_config(recipe, argv[1:], world)
+    except ConfigError as e:
+        die(str(e), every_rank=False)
+    if printing:  # the comment says which world size the parallel degrees and batch were fixed for
+        print(f"# {_what(recipe, argv[1:], world)}\n{config_yaml(cfg)}", end="")
+        sys.exit(0)
+    return cfg
 
 
 def model_config(cfg: Config, vocab_size: int) -> GPTConfig:

@@ -151,3 +151,48 @@ def test_help_anywhere_on_the_line_prints_the_keys():
 
 def test_bare_unknown_flag_is_named_as_an_unknown_key():
     assert_cli_error([DEMO, "--foo"], "foo: unknown key")
+
+
+def test_help_with_a_recipe_shows_its_values_and_where_each_came_from():
+    p = run_module("scaling.train", DEMO, "--train.eval_every=50", "--help", env={"WORLD_SIZE": "1"}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for line in ("train.max_steps (int) = 500  [recipe]: optimizer steps to train for",
+                 "train.eval_every (int) = 50  [override]: ",
+                 "train.seed (int) = 1337  [default]: ",
+                 "logging.run_dir (str | None) = 'runs/cpu_demo'  [derived]: ",
+                 "parallel.dp_shard (int) = 1  [derived from recipe -1]: "):
+        assert "\n  " + line in p.stdout, line
+
+
+def test_help_with_a_bad_recipe_is_one_error_line():
+    assert_cli_error([DEMO, "--model.n_layr=3", "--help"], "model.n_layr", "did you mean model.n_layer?")
+
+
+def test_print_config_prints_the_resolved_recipe_and_reads_back_the_same(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--train.max_steps=7", f"--logging.run_dir={run_dir}"]
+    p = run_module("scaling.train", DEMO, *args, "--print-config", env={"WORLD_SIZE": "1"}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(p.stdout)
+    assert load_config(printed) == load_config(DEMO, args)
+    assert not run_dir.exists()  # nothing started
+
+
+def test_print_config_resolves_the_layout_for_the_world_given():
+    p = run_module("scaling.train", DEMO, "--print-config", "--world", "2", timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == f"# {DEMO}, resolved for 2 processes"
+    assert yaml.safe_load(p.stdout)["parallel"]["dp_shard"] == 2
+
+
+def test_world_is_refused_outside_print_config_and_help():
+    assert_cli_error([DEMO, "--world=2"], "--world", "only with --print-config or --help")
+
+
+def test_a_bad_key_is_reported_by_rank_0_alone_and_every_rank_exits_2():
+    follower = run_module("scaling.train", DEMO, "--model.n_layr=3", env={"RANK": "1", "WORLD_SIZE": "2"}, timeout=120)
+    assert (follower.returncode, follower.stderr) == (2, ""), follower.stderr
+    leader = run_module("scaling.train", DEMO, "--model.n_layr=3", env={"RANK": "0", "WORLD_SIZE": "2"}, timeout=120)
+    assert leader.returncode == 2
+    assert leader.stderr.splitlines() == ["error: model.n_layr: unknown key (did you mean model.n_layer?)"]
