@@ -147,12 +147,12 @@ def test_the_readme_commands_run_in_order(workdir):
         print(f"{time.perf_counter() - t0:5.1f}s  {strip(cmd)}")  # pytest -s: where the time goes
         assert p.returncode == 0, f"{cmd}\n-> {shrink(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
         ran.append((cmd, p))
-    outputs = {strip(cmd): p.stdout for cmd, p in ran}
+    outputs = {strip(cmd): p.stdout + p.stderr for cmd, p in ran}
     assert "sample:\n" in outputs["make demo"] and "cpu_demo: validation loss" in outputs["make demo"]
     assert (workdir / "runs" / "cpu_demo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    tp = "torchrun --standalone --nproc_per_node=4 -m scaling.train recipes/cpu_demo.yaml --parallel.dp_shard=2 --parallel.tp=2"
-    assert "FSDP+TP" in outputs[tp] or "tp=2" in outputs[tp]
-    assert "sample:\n" in outputs[tp]
+    tp = "NPROC=4 launch/torchrun.sh recipes/cpu_demo.yaml --parallel.dp_shard=2 --parallel.tp=2"
+    assert "FSDP+TP" in outputs[tp] and "sample:\n" in outputs[tp]
+    assert "may give inconsistent results" not in outputs[tp]  # DTensor's warning on a 2-D gradient norm
     assert (workdir / "out" / "hf" / "config.json").is_file() and (workdir / "gpt2.pt").is_file()
     assert (workdir / "curves.png").is_file() and (workdir / "data" / "mine" / "meta.json").is_file()
     rows = json.loads((workdir / "runs" / "bench_comm.json").read_text())["comm"]  # the interconnect benchmark
@@ -160,8 +160,26 @@ def test_the_readme_commands_run_in_order(workdir):
     assert all(r["busbw_gbps"] > 0 and r["time_us"] > 0 for r in rows)
 
 
+def loose(line: str) -> str:
+    """A line of a training run with its measurements masked: numbers become N, durations T
+    (losses, speeds and times differ between machines; the words and the shape must not)."""
+    line = re.sub(r"N[kMB]\b", "N", re.sub(r"\d+(?:[.,]\d+)*", "N", line))
+    return re.sub(r"\bN(?:hNm|mNs|s)\b", "T", line)
+
+
+def matches(got: list[str], shown: list[str]) -> bool:
+    """got is what shown shows; a line `...` in shown stands for any lines (none included)."""
+    if not shown:
+        return not got
+    if shown[0] == "...":
+        return any(matches(got[i:], shown[1:]) for i in range(len(got) + 1))
+    return bool(got) and got[0] == shown[0] and matches(got[1:], shown[1:])
+
+
 @pytest.mark.parametrize("cmd, shown", console_examples(), ids=lambda x: x.split()[2] if isinstance(x, str) else "")
 def test_console_example_prints_what_the_readme_shows(cmd, shown, workdir):
     p = run(cmd, workdir)
     got = (p.stdout + p.stderr).strip("\n").splitlines()
-    assert got == shown, "\n".join(got)
+    if "scaling.train" in cmd:  # a run's measurements vary: its lines are compared masked
+        got, shown = [loose(line) for line in got], [loose(line) for line in shown]
+    assert matches(got, shown), "\n".join(got)
