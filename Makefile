@@ -15,11 +15,12 @@ $(VENV)/.installed: pyproject.toml
 # Train the embedded default (Python stdlib source, byte-level) with FSDP over 2 CPU
 # processes, print a sample, then the validation losses as a table and the curves as a PNG next to the run.
 # One thread per process: 2 processes x 2 threads on 2 cores would oversubscribe them.
+# scaling.launch is torchrun whose failures (a bad key, Ctrl-C) end in our one line, not its traceback.
 # ARGS: more --section.key=value overrides (tests/test_readme.py shrinks the demo with them).
 NPROC ?= 2
 DEMO_RUN ?= runs/cpu_demo
 demo: install
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m scaling.train recipes/cpu_demo.yaml \
+	OMP_NUM_THREADS=1 $(BIN)/python -m scaling.launch --standalone --nproc_per_node=$(NPROC) -m scaling.train recipes/cpu_demo.yaml \
 		--logging.run_dir=$(DEMO_RUN) $(ARGS)
 	$(BIN)/python -m scaling.plot $(DEMO_RUN) --table -o $(DEMO_RUN)/curves.png
 

@@ -28,6 +28,7 @@ import re
 import secrets
 import shutil
 import sys
+import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -381,6 +382,7 @@ class Checkpointer:
     def save(self, step: int, state: dict):
         """Write checkpoint step_<step> of state (a dict of state dicts) on every rank."""
         self.wait()  # at most one save in flight
+        start = time.perf_counter()
         final = self.root / f"step_{step}"
         tmp = final.with_name(final.name + ".tmp")
         try:
@@ -393,15 +395,16 @@ class Checkpointer:
             torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
             if self.cfg.checkpoint.async_save:
                 future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
-                self.pending = (self.committer.submit(self._commit_after, future, tmp, final) if self.committer
-                                else future), tmp, final
+                blocked = time.perf_counter() - start  # staging: training goes on while the write runs
+                self.pending = (self.committer.submit(self._commit_after, future, tmp, final, blocked)
+                                if self.committer else future), tmp, final
                 return
             dcp.save(state, checkpoint_id=tmp)
         except SAVE_ERRORS as e:
             self._failed(tmp, final, e)
         _barrier()
         if _rank() == 0:
-            self._commit(tmp, final)
+            self._commit(tmp, final, time.perf_counter() - start)
         _barrier()
 
     def poll(self):
@@ -445,14 +448,15 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"saving {final} failed: {why}; the checkpoints saved before are intact") from e
 
-    def _commit_after(self, future, tmp: Path, final: Path):
+    def _commit_after(self, future, tmp: Path, final: Path, blocked: float):
         # DCP's rank-0 future finishes only after every rank's write results are collected and
         # the metadata is written, so rank 0 alone may commit.
         future.result()
-        self._commit(tmp, final)
+        self._commit(tmp, final, blocked)
 
-    def _commit(self, tmp: Path, final: Path):
-        """Rank 0: config, tokenizer and checksums into tmp, then the atomic rename, then clean-up."""
+    def _commit(self, tmp: Path, final: Path, blocked: float):
+        """Rank 0: config, tokenizer and checksums into tmp, then the atomic rename, then one line
+        (step, size, how long training waited for it, where), then clean-up."""
         save_config(self.cfg, tmp / "config.yaml")
         (tmp / "tokenizer.json").write_text(json.dumps(self.tokenizer))
         write_manifest(tmp, self.run_id, _world())
@@ -467,6 +471,9 @@ class Checkpointer:
         _fsync_dir(final.parent)
         if old:
             shutil.rmtree(old)
+        size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+        print(f"checkpoint: step {step_of(final)} saved, {size / 1e6:,.1f} MB, training blocked {blocked:.2f}s: {final}",
+              flush=True)
         self.verified.add(final)  # its checksums were just taken from the files themselves
         # Deleting old checkpoints (minutes for XL on a network filesystem) happens on rank 0's
         # commit thread, never while the other ranks wait at the save's closing barrier.

@@ -167,7 +167,8 @@ def on_rank0(fn):
         try:
             box = [("ok", fn())]
         except Exception as e:
-            dist.broadcast_object_list([("error", 2 if isinstance(e, ValueError) else 1)], src=0)
+            code = getattr(e, "exit_code", 2 if isinstance(e, ValueError) else 1)
+            dist.broadcast_object_list([("error", code)], src=0)
             raise
     dist.broadcast_object_list(box, src=0)  # on CPU through gloo, also on GPU nodes
     kind, value = box[0]
@@ -179,14 +180,21 @@ def on_rank0(fn):
 # Exit code of a run stopped by SIGTERM / SIGUSR1 after saving: "try again later" (sysexits.h
 # EX_TEMPFAIL). The Slurm launcher requeues a job that ends with it.
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) after saving: the shell's code for an interrupted command
 EXIT_DIR = "SCALING_EXIT_DIR"  # where scaling.launch collects the workers' marks of a clean stop
 
 
-def mark_preempted():
-    """Tell scaling.launch (if it started this worker) that this rank saved and stops cleanly."""
+def exit_code(signal_name: str | None) -> int:
+    """The exit code of a run that a signal stopped after saving: 130 for Ctrl-C, else 75."""
+    return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
+def mark_preempted(code: int = EXIT_PREEMPTED):
+    """Tell scaling.launch (if it started this worker) that this rank saved and stops cleanly
+    with this exit code."""
     if folder := os.environ.get(EXIT_DIR):
         with contextlib.suppress(OSError):
-            (Path(folder) / f"rank{rank()}").write_text(str(EXIT_PREEMPTED))
+            (Path(folder) / f"rank{rank()}").write_text(str(code))
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal the kernel sends this process when its parent dies
@@ -202,8 +210,10 @@ def _signal_on_parent_death(sig: int) -> bool:
 
 
 class StopSignal:
-    """Remembers SIGTERM / SIGUSR1 (what Slurm sends before a time limit or a preemption) so the
-    loop can stop at a step boundary instead of dying mid-step. restore() puts back the handlers
+    """Remembers SIGTERM / SIGUSR1 (what Slurm sends before a time limit or a preemption) and
+    SIGINT (Ctrl-C; torchrun passes it on to its workers) so the loop can stop at a step boundary,
+    save and exit instead of dying mid-step. A second Ctrl-C exits at once, saving nothing more:
+    a save cut short is a .tmp folder, never a checkpoint, so the ones before stay intact. restore() puts back the handlers
     it replaced: a run inside a notebook or a test leaves no handler behind (a Python handler is
     inherited by forked children, where it can keep SIGTERM from ending them).
 
@@ -212,8 +222,8 @@ class StopSignal:
     otherwise leave its workers training as orphans, holding the GPUs and the run folder. With
     the signal they save at the next step boundary and exit, as on a preemption."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
-        self.received = None
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
+        self.received, self.code = None, None  # the signal this rank got; the exit code the ranks agreed on
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
         self.parent = None
         if "TORCHELASTIC_RUN_ID" in os.environ and _signal_on_parent_death(signal.SIGTERM):
@@ -222,6 +232,10 @@ class StopSignal:
                 self.received = "SIGTERM"
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            if rank() == 0:
+                os.write(2, b"SIGINT again: exiting now without saving (the checkpoints saved before are intact)\n")
+            os._exit(EXIT_INTERRUPTED)
         self.received = signal.Signals(signum).name
 
     def restore(self):
@@ -236,9 +250,12 @@ class StopSignal:
         notes every `every` steps, with a CPU tensor (gloo, also on GPU nodes), so the GPU's
         queue of work is never drained for it."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.received is not None
+            self.code = exit_code(self.received) if self.received else None
+            return self.code is not None
         if step % every:
             return False
-        flag = torch.tensor([self.received is not None], dtype=torch.int32)
+        # Each rank offers the exit code its signal asks for (0: none); Ctrl-C's 130 wins over 75.
+        flag = torch.tensor([exit_code(self.received) if self.received else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.code = int(flag.item()) or None
+        return self.code is not None

@@ -7,6 +7,7 @@ own launcher (same options, same workers) and ends with one line and one code:
 
   0   every worker finished (no line);
   75  every worker of this node saved its step and stopped (a preemption: run the same command);
+  130 the same after Ctrl-C (no line: the workers' rank 0 said it);
   2   the workers refused their input (each said why, in one line);
   1   anything else: a crash, a worker killed by a signal, a stop that did not save everywhere,
       a rendezvous that failed.
@@ -21,6 +22,7 @@ once, saying how many ranks on which nodes printed it, and an exit code for the 
 (2 bad input, 1 a failure, 0 when the logs explain nothing).
 """
 
+import logging
 import os
 import re
 import signal
@@ -36,7 +38,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.launcher.api import elastic_launch
 from torch.distributed.run import config_from_args, parse_args
 
-from scaling.distributed import EXIT_DIR, EXIT_PREEMPTED
+from scaling.distributed import EXIT_DIR, EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 BAD_INPUT = "launch: bad input: exit 2 (the workers said why)"
 SIGNAL_ENDED = re.compile(r"error: launch: SIG\w+ ended the workers")
@@ -61,7 +63,11 @@ def launch(argv: list[str]) -> tuple[int, str]:
     except RendezvousError as e:  # a node that cannot reach the head, or one that never came
         why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         return 1, f"error: launch: the rendezvous at {args.rdzv_endpoint} failed ({why}): can every node reach it?"
-    return outcome(failures, len(list(marks.glob("rank*"))), config.nproc_per_node, stopped_by)
+    codes = [int(m.read_text() or EXIT_PREEMPTED) for m in marks.glob("rank*")]
+    code, line = outcome(failures, len(codes), config.nproc_per_node, stopped_by)
+    if code == EXIT_PREEMPTED and EXIT_INTERRUPTED in codes:  # Ctrl-C: rank 0's line said it all
+        return EXIT_INTERRUPTED, ""
+    return code, line
 
 
 def outcome(failures: dict, saved: int, nproc: int, stopped_by: str | None) -> tuple[int, str]:
@@ -142,9 +148,15 @@ def main(argv=None):
         for line in lines:
             print(line)
         sys.exit(code)
+    # torchrun's own log lines ("failed (exitcode: 2) ...", "Received 2 death signal, shutting down
+    # workers", "Sending process ... closing signal") say what our one closing line says better.
+    # This process is torchrun's agent alone: every log record in it is torchrun's.
+    logging.disable(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="scaling-launch-") as marks:
         os.environ[EXIT_DIR] = marks  # the workers inherit it
         code, line = launch(argv)
+    if line == BAD_INPUT and "SLURM_JOB_ID" not in os.environ:
+        line = ""  # rank 0's error line is the one to read; a Slurm job's report needs the mark
     if line:
         print(line, file=sys.stderr if code not in (0, EXIT_PREEMPTED) else sys.stdout, flush=True)
     sys.exit(code)

@@ -8,13 +8,17 @@ no other live run holds the folder (a POSIX lock, released by the kernel when it
 also over NFS). Then config.yaml is written.
 """
 
+import dataclasses
 import fcntl
 import os
 import socket
 from pathlib import Path
 
+import yaml
+
 from scaling import checkpoint
-from scaling.config import Config, ConfigError, save_config
+from scaling.config import Config, ConfigError, OptimConfig, save_config
+from scaling.optim import lr_at
 
 LOCK = ".lock"
 _held = {}  # run folder -> its open lock file: closing it releases the lock
@@ -54,13 +58,65 @@ def claim(run_dir: Path):
     _held[key] = f
 
 
+class RunFinished(Exception):
+    """The checkpoint to resume from is at or past train.max_steps: nothing to train. Every rank
+    exits with code 0 (distributed.on_rank0 passes exit_code on)."""
+    exit_code = 0
+
+
+def check_unfinished(resume: Path, cfg: Config):
+    """Refuse, with exit 0, to resume a run that has nothing left to train, before anything is
+    built or written (config.yaml in the folder stays the finished run's)."""
+    step, max_steps = checkpoint.step_of(resume), cfg.train.max_steps
+    if step < max_steps:
+        return
+    # Resume verifies in the background and falls back to an older checkpoint if this one is
+    # damaged; here that is checked first (this once), as the older one may have steps to train.
+    if cfg.checkpoint.verify and checkpoint.problem(resume, verify=True):
+        return
+    where = "at" if step == max_steps else "past"
+    run_dir = Path(cfg.logging.run_dir)
+    n = len(checkpoint.checkpoints(run_dir))
+    own = resume.parent.parent.resolve() == run_dir.resolve()
+    held = (f"{n} checkpoint{'s' if n > 1 else ''} up to {resume.name}" if own
+            else f"no checkpoint of its own; checkpoint.resume names {resume}")
+    raise RunFinished(f"{cfg.logging.run_dir}: finished, nothing to train: it holds {held}; {resume.name} is {where} "
+                      f"train.max_steps={max_steps}. To train it longer, raise "
+                      f"--train.max_steps; to start a new run, give another --logging.run_dir (or move "
+                      f"{cfg.logging.run_dir} away)")
+
+
+def schedule_change(path: Path, cfg: Config) -> str | None:
+    """What a changed train.max_steps (or schedule key) does to the learning rate of the next
+    step, said in one line: by default the cosine decay ends at max_steps, so extending a run
+    moves the decay and raises the learning rate again."""
+    saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    old_max = (saved.get("train") or {}).get("max_steps")
+    fields = {f.name for f in dataclasses.fields(OptimConfig)}
+    old = OptimConfig(**{k: v for k, v in (saved.get("optim") or {}).items() if k in fields})
+    if old_max is None or (old_max, old) == (cfg.train.max_steps, cfg.optim):
+        return None
+    step = checkpoint.step_of(path)
+    was, now = lr_at(step, old, old_max), lr_at(step, cfg.optim, cfg.train.max_steps)
+    if was == now:
+        return f"the learning rate schedule goes on as before (lr {now:.2e} at step {step + 1})"
+    keep = ""
+    if cfg.optim.decay_steps is None and old.decay_steps is None and old.warmup_steps == cfg.optim.warmup_steps:
+        keep = (f"; to keep the schedule it was on, add --optim.decay_steps={old_max - old.warmup_steps} "
+                "(the added steps then train at optim.min_lr)")
+    return f"the learning rate at step {step + 1} is {now:.2e}, where the schedule it was saved with had {was:.2e}{keep}"
+
+
 def check_fits(path: Path, cfg: Config, tokenizer: dict, report=print):
-    """Refuse a checkpoint of another model shape; report every other change, one line each."""
+    """Refuse a checkpoint of another model shape; report every other change, one line each,
+    and what a changed schedule does to the learning rate."""
     refused, changed = checkpoint.compare_configs(path, cfg, tokenizer)
     if refused:
         raise ConfigError(f"checkpoint.resume: {path} was trained with another model or data shape: "
                           f"{'; '.join(refused)} (change them back, or use another logging.run_dir)")
     for line in changed:
+        report(f"resume: {line}")
+    if changed and (line := schedule_change(path, cfg)):
         report(f"resume: {line}")
 
 
@@ -72,6 +128,7 @@ def open_run(cfg: Config, tokenizer: dict, report=print) -> tuple[Path | None, s
     resume = checkpoint.resolve_resume(cfg, report=report)
     run_id = None
     if resume:
+        check_unfinished(resume, cfg)
         check_fits(resume, cfg, tokenizer, report)
         run_id = (checkpoint.read_manifest(resume) or {}).get("run")
     elif cfg.checkpoint.resume == "none" and (found := holds_run(run_dir)):

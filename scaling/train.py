@@ -27,12 +27,12 @@ from scaling.data import DataError, TokenWindows, load_meta, tokenizer_spec
 from scaling.eval import mean_loss
 from scaling.guards import NonFinite, NonFiniteSteps, SpikeGuard
 from scaling.loader import DataLoader, worker_death
-from scaling.metrics import Metrics, Profiler, StepTimer, memory, peak_flops
+from scaling.metrics import Metrics, Profiler, StepTimer, check_wandb, duration, memory, peak_flops, read_metrics
 from scaling.model import GPT, loss_fn
 from scaling.optim import build_optimizer, clip_gradients, lr_at
 from scaling.parallel import ParallelDims, build_mesh, dp_rank, local_value, parallelize, seed_dropout
 from scaling.prepare import dataset_dir
-from scaling.rundir import check_fits, open_run
+from scaling.rundir import RunFinished, check_fits, open_run
 from scaling.sample import check_prompt, sample_text
 from scaling.tokenizer import get_tokenizer
 from scaling.weights import load_pretrained
@@ -121,12 +121,15 @@ class Run:
     metrics: Metrics
     timer: StepTimer
     flops_per_token: float
+    data_dir: Path = None
     step: int = 0  # optimizer steps done
     tokens: int = 0  # tokens trained on
+    start: tuple = (0, 0)  # (step, tokens) where this command began
     loss_sum: torch.Tensor = None  # summed on the device over the log window: no host sync per step
     window_steps: int = 0  # steps in the log window
     window_start: float = 0.0  # when the log window began (evaluation and saves excluded)
     save_block_s: float | None = None  # how long the last save held up training
+    steady: tuple | None = None  # (time, step) at the end of the first log window: the ETA's origin
     last: dict = field(default_factory=dict)  # the last logged record
 
 
@@ -136,6 +139,8 @@ def build(cfg: Config) -> Run:
     t, p = cfg.train, cfg.parallel
     env = start_process(cfg)
     device, log = env.device, print if env.is_main else (lambda *a, **k: None)
+    if cfg.logging.wandb:  # before the dataset, the run folder and the model
+        distributed.on_rank0(lambda: check_wandb(cfg.logging))
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
     data_dir, meta, tokenizer_spec, tok = open_dataset(cfg, env)
     # Rank 0 verifies checkpoints, checks the run folder and claims it; every rank follows.
@@ -165,8 +170,8 @@ def build(cfg: Config) -> Run:
                guard, NonFiniteSteps(device, t.on_nonfinite, log), ckpt, distributed.StopSignal(),
                Metrics(Path(cfg.logging.run_dir), enabled=env.is_main, config=to_dict(cfg),
                        wandb_cfg=cfg.logging if cfg.logging.wandb else None),
-               StepTimer(device, ("data", "compute", "optim")), flops_per_token, step, tokens,
-               loss_sum=torch.zeros((), device=device))
+               StepTimer(device, ("data", "compute", "optim")), flops_per_token, data_dir, step, tokens,
+               (step, tokens), loss_sum=torch.zeros((), device=device))
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:
@@ -216,15 +221,24 @@ def log_window(run: Run, lr: float, grad_norm: torch.Tensor):
     t, steps, world = run.cfg.train, run.window_steps, run.env.world_size
     tokens_per_step = t.global_batch_size * t.seq_len
     loss_avg = distributed.all_reduce_mean(run.loss_sum / steps).item()
-    tok_s = steps * tokens_per_step / (time.perf_counter() - run.window_start)
+    now = time.perf_counter()
+    step_s = (now - run.window_start) / steps
+    tok_s = tokens_per_step / step_s
+    # The first window after a start or resume holds compilation and warm-up: it is marked and
+    # kept out of the ETA, which comes from the wall time since (evaluations and saves included).
+    warmup, eta = run.steady is None, None
+    if warmup:
+        run.steady = (now, run.step)
+    elif run.step > run.steady[1]:
+        eta = (t.max_steps - run.step) * (now - run.steady[0]) / (run.step - run.steady[1])
     peak = peak_flops(run.env.device)
     run.nonfinite.report(run.ckpt, run.metrics)
-    run.last = {"step": run.step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens_per_sec": tok_s, "tokens_per_sec_per_device": tok_s / world,
+    run.last = {"step": run.step, "max_steps": t.max_steps, "loss": loss_avg, "lr": lr,
+                "grad_norm": grad_norm.item(), "ms_per_step": 1e3 * step_s, "tokens_per_sec": tok_s, "tokens_per_sec_per_device": tok_s / world,
                 "mfu": tok_s / world * run.flops_per_token / peak if peak else None,
                 **{f"{k}_ms": v / steps for k, v in run.timer.read_ms().items()},
                 **memory(run.env.device), "skipped_steps": run.nonfinite.total, "spike_skips": run.guard.skipped,
-                "tokens": run.tokens, "elapsed_s": run.metrics.elapsed()}
+                "tokens": run.tokens, "elapsed_s": run.metrics.elapsed(), "eta_s": eta, "warmup": warmup}
     if run.save_block_s is not None:  # how long the last save held up training (async: staging only)
         run.last["save_block_s"], run.save_block_s = run.save_block_s, None
     run.metrics.log(run.last)
@@ -238,7 +252,8 @@ def validate(run: Run):
     t = run.cfg.train
     val_loss = mean_loss(run.model, run.val_windows, min(t.eval_sequences, run.val_windows.num_windows),
                          t.micro_batch_size, run.env.device, run.loss_ctx)
-    run.metrics.log({"step": run.step, "val_loss": val_loss, "tokens": run.tokens, "elapsed_s": run.metrics.elapsed()})
+    run.metrics.log({"step": run.step, "max_steps": t.max_steps, "val_loss": val_loss, "tokens": run.tokens,
+                     "elapsed_s": run.metrics.elapsed()})
     run.last["val_loss"] = val_loss
     run.window_start += time.perf_counter() - t_eval
 
@@ -258,10 +273,11 @@ def save(run: Run, due: bool):
 def preempted(run: Run):
     """A stop signal reached some rank: the step is saved; wait for its commit, then exit."""
     run.ckpt.wait()
+    code = run.stop.code
     run.log(f"{run.stop.received or 'stop signal on another rank'}: saved step {run.step}, exiting with "
-            f"code {distributed.EXIT_PREEMPTED} (run the same command to resume)", flush=True)
+            f"code {code} (run the same command to resume)", flush=True)
     run.metrics.close()
-    raise Preempted()
+    raise Preempted(code)
 
 
 def finish(run: Run) -> dict:
@@ -275,8 +291,34 @@ def finish(run: Run) -> dict:
         text = sample_text(run.model, run.tok, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
                            cfg.logging.sample_temperature, seed=cfg.train.seed, device=run.env.device)
         run.log("sample:\n" + text, flush=True)
+    if run.env.is_main:
+        run.log(summary(run), flush=True)
     run.metrics.close()
     return run.last
+
+
+def summary(run: Run) -> str:
+    """What the run did and holds, and what to do with it next: the closing lines."""
+    cfg, path = run.cfg, run.metrics.path
+    steps, tokens = run.step - run.start[0], run.tokens - run.start[1]
+    lines = [f"done: step {run.step}/{cfg.train.max_steps}, {_count(run.tokens)} tokens in {duration(run.metrics.elapsed())}"
+             + (f" (this command: {steps} steps, {_count(tokens)} tokens in {duration(run.metrics.session())})"
+                if run.start[0] else "")]
+    evals = {r["step"]: r["val_loss"] for r in read_metrics(path) if r.get("val_loss") is not None}  # the last per step
+    if evals:
+        last, best = max(evals), min(evals, key=evals.get)
+        lines.append(f"validation loss: {evals[last]:.4f} at step {last} (best {evals[best]:.4f} at step {best})")
+    folder = checkpoint.newest_complete(cfg.logging.run_dir, report=lambda *_: None, verify=False)
+    d = cfg.logging.run_dir
+    lines += [f"newest checkpoint: {folder}",
+              f"  sample:   python -m scaling.sample {d}",
+              f"  evaluate: python -m scaling.eval {d} loss --data {run.data_dir}",
+              f"  export:   python -m scaling.convert {d} out/{cfg.name} --to hf"]
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
 def train(cfg: Config) -> dict:
@@ -314,10 +356,12 @@ def main(argv=None):
         train(cfg)
     except distributed.FollowerExit as e:  # rank 0 printed why
         sys.exit(e.code)
+    except RunFinished as e:  # not an error: said on stdout, exit 0
+        print(e, flush=True)
     except CheckpointError as e:  # a save that failed, or no whole checkpoint left: the disk's failure
         die(str(e), code=1)
     except (DataError, ConfigError, ConnectionError) as e:  # ConnectionError: no BPE files
-        die(str(e))
+        die(str(e))  # every rank that finds it says it: a node may lack what rank 0's node has
     except OSError as e:  # the run folder became unwritable or full while training
         die(f"{e.filename or cfg.logging.run_dir}: {(e.strerror or str(e)).lower()}; the checkpoints saved "
             "before are intact", code=1)  # a failure of the disk, not bad input
@@ -333,11 +377,14 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         distributed.kill_stopped_siblings()
         os._exit(1)
-    except Preempted:
-        distributed.mark_preempted()  # before the process group goes: torchrun's SIGTERM may end us then
-        sys.exit(distributed.EXIT_PREEMPTED)
+    except Preempted as e:
+        distributed.mark_preempted(e.args[0])  # before the process group goes: torchrun's SIGTERM may end us then
+        sys.exit(e.args[0])
     except NonFinite as e:
         die(str(e), code=3)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT (or after it gave it back)
+        die("interrupted: nothing was saved by this command (the checkpoints saved before are intact)",
+            code=distributed.EXIT_INTERRUPTED)
     except torch.OutOfMemoryError:
         if torch.cuda.is_available() and cfg.logging.oom_snapshot:
             path = Path(cfg.logging.run_dir) / f"oom_snapshot_rank{distributed.rank()}.pickle"

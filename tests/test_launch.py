@@ -43,7 +43,7 @@ def test_sbatch_trains_over_two_nodes(slurm, data_root, tmp_path):
     assert all(math.isfinite(x) for x in train_losses(tmp_path))
     # The job's output names rank 0's log (on whichever node the rendezvous put it), and says it finished.
     follow = re.search(r"training started; progress: tail -f (\S+)", out)
-    assert follow and re.search(r"^step \d+ \| loss ", Path(follow.group(1)).read_text(), re.M), out
+    assert follow and re.search(r"^step \d+/\d+ .*\| loss ", Path(follow.group(1)).read_text(), re.M), out
     logs = f"{tmp_path}/logs/gpt2-{job}-node0.out {tmp_path}/logs/gpt2-{job}-node1.out"
     assert re.fullmatch(rf"[\d:]+ job {job} ended: finished; details: {logs}", out.splitlines()[-1]), out
 

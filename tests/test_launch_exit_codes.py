@@ -21,9 +21,9 @@ FSDP2 = ["--parallel.dp_shard=2", "--train.global_batch_size=8", "--train.micro_
          "--train.eval_every=0", "--logging.every=1", "--parallel.timeout_s=60"]
 
 
-def start_launcher(data_root, run_dir, *extra):
+def start_launcher(data_root, run_dir, *extra, env=None):
     """launch/torchrun.sh with 2 CPU processes, in its own session (the test signals it alone)."""
-    env = dict(os.environ, NPROC="2", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    env = dict(os.environ, NPROC="2", OMP_NUM_THREADS="1", PYTHON=sys.executable, **(env or {}))
     args = [str(a) for a in tiny_args(data_root, run_dir, *FSDP2, *extra)]
     return subprocess.Popen(["bash", "launch/torchrun.sh", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -65,12 +65,32 @@ def test_a_worker_killed_by_a_signal_makes_the_launcher_exit_1_naming_it(data_ro
     assert "Traceback" not in out + err
 
 
-def test_bad_input_under_the_launcher_exits_2_with_its_line_and_without_a_traceback(data_root, tmp_path):
+def test_bad_input_under_the_launcher_is_rank_0s_one_line_and_exit_2(data_root, tmp_path):
     p = start_launcher(data_root, tmp_path, "--train.max_stepz=4")
     out, err = p.communicate(timeout=180)
     assert p.returncode == 2, (p.returncode, err[-3000:])
-    assert "train.max_stepz" in err and "Traceback" not in out + err and "ChildFailedError" not in err, err
-    assert err.strip().splitlines()[-1] == BAD_INPUT  # what a Slurm job's report reads as bad input
+    assert (out + err).strip() == "error: train.max_stepz: unknown key (did you mean train.max_steps?)", out + err
+
+
+def test_bad_input_in_a_slurm_job_also_leaves_the_mark_its_report_reads(data_root, tmp_path):
+    p = start_launcher(data_root, tmp_path, "--train.max_stepz=4", env={"SLURM_JOB_ID": "7"})
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 2, (p.returncode, err[-3000:])
+    assert err.strip().splitlines()[-1] == BAD_INPUT, err  # what a Slurm job's report reads as bad input
+
+
+def test_ctrl_c_to_the_launcher_saves_every_worker_and_exits_130_with_rank_0s_line(data_root, tmp_path):
+    p = start_launcher(data_root, tmp_path, "--train.max_steps=100000", "--checkpoint.every=100000")
+    try:
+        wait_for_steps(p, tmp_path, 3)
+        p.send_signal(signal.SIGINT)  # what Ctrl-C sends the launcher; torchrun passes it on to its workers
+        out, err = p.communicate(timeout=180)
+    finally:
+        kill_all(p)
+    assert p.returncode == 130, (p.returncode, out[-2000:], err[-3000:])
+    step = checkpoints(tmp_path)[-1].name.split("_")[1]
+    assert out.strip().splitlines()[-1] == f"SIGINT: saved step {step}, exiting with code 130 (run the same command to resume)"
+    assert err == "", err  # neither a traceback nor torchrun's own lines
 
 
 def failure(rank: int, exitcode: int):

@@ -78,7 +78,7 @@ def test_resolved_config_and_final_checkpoint_land_in_the_run_dir(data_root, tmp
 def test_cli_trains_and_sample_prints_text_from_the_run(data_root, tmp_path):
     p = run_module("scaling.train", *tiny_args(data_root, tmp_path / "r", "--logging.sample_tokens=20"))
     assert p.returncode == 0, p.stderr
-    assert "step 8 | loss" in p.stdout and "sample:" in p.stdout
+    assert "step 8/8 100% | loss" in p.stdout and "sample:" in p.stdout
     s = run_module("scaling.sample", tmp_path / "r", "--prompt", "ROMEO:", "--max-new-tokens", "30",
                    "--seed", "5", "--num-samples", "2")
     assert s.returncode == 0, s.stderr
@@ -190,7 +190,9 @@ def test_wandb_offline_run_holds_the_logged_keys(data_root, tmp_path, wandb_thre
     assert runs[0].name.endswith(run_id)
     # The run file is wandb's own record log; the history records name each logged key. wandb's
     # service process may still be writing it after finish() returns (seen once under CI load).
-    keys = ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "mfu", "compute_ms")
+    # (mfu is null on a CPU, so not sent; the console's text is in the file too, so the keys
+    # checked are ones the console line does not spell out.)
+    keys = ("grad_norm", "tokens_per_sec", "val_loss", "ms_per_step", "eta_s", "max_steps", "compute_ms")
     deadline = time.time() + 30
     while True:
         data = next(runs[0].glob("*.wandb")).read_bytes()
