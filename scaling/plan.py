@@ -210,6 +210,11 @@ def load_for_world(recipe: str, gpus: int, overrides=()) -> Config:
     return load_config(recipe, list(overrides), world=gpus)
 
 
+def billions(n: int) -> str:
+    """104.9e9 -> '104.9B'; a small run in millions instead of '0.0B'."""
+    return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
 def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
@@ -233,12 +238,12 @@ def report(cfg: Config, r: dict, gpus: int, gpu: str | None, mfu: float | None, 
                      f"{r['per_machine'] * r['total'] / GB:.2f} GB of {r['capacity'] / GB:.1f} GB RAM: {verdict}")
         lines.append(f"throughput: not planned on CPU (it has no peak FLOP/s to scale; time a few steps instead): "
                      f"{r['tokens_per_step']:,} tokens per step, {cfg.train.max_steps:,} steps "
-                     f"({r['run_tokens'] / 1e9:.1f}B tokens)")
+                     f"({billions(r['run_tokens'])} tokens)")
     else:
         lines.append(f"  {'total':17} {r['total'] / GB:8.2f} GB of {r['capacity'] / GB:.0f} GB: {verdict}")
         lines.append(f"at {mfu:.0%} MFU: {r['tokens_per_sec']:,.0f} tokens/s, {r['step_s']:.2f} s per step of "
                      f"{r['tokens_per_step']:,} tokens, {duration(r['run_s'])} for {cfg.train.max_steps:,} steps "
-                     f"({r['run_tokens'] / 1e9:.1f}B tokens)")
+                     f"({billions(r['run_tokens'])} tokens)")
     tr = r["traffic"]
     lines.append(f"FSDP traffic per rank per step: {tr['inter_node'] / GB:.2f} GB over the inter-node link, "
                  f"{tr['intra_node'] / GB:.2f} GB within a node ({r['gpus_per_node']} "
