@@ -5,7 +5,9 @@ SRC may be any of: our checkpoint or run folder (a DCP checkpoint, any layout), 
 a nanoGPT ckpt.pt. DST is written as a Hugging Face folder (--to hf, loadable by
 GPT2LMHeadModel.from_pretrained), a nanoGPT ckpt.pt (--to nanogpt), or one consolidated .pt
 file (--to pt, the default). Recipes start from any SRC with model.init_from. The formats
-themselves are in scaling/weights.py.
+themselves are in scaling/weights.py. One line on stderr names what was read and its step (a run
+folder's checkpoint: `loaded runs/x/checkpoints/step_500 (step 500)`); a .pt file keeps the step
+and the checkpoint it came from, a nanoGPT ckpt.pt the step as iter_num.
 
 A Hugging Face folder holds config.json, model.safetensors, generation_config.json and a model
 card (README.md: the run's steps, tokens and final validation loss, the tokenizer, the shape,
@@ -22,10 +24,11 @@ tokenizer).
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from scaling.errors import die
-from scaling.weights import WriteError, read_source, tokenizer_note, write_weights
+from scaling.weights import WriteError, loaded_line, read_source, tokenizer_note, write_weights
 
 
 def main(argv=None):
@@ -58,6 +61,7 @@ def main(argv=None):
         die(str(e), code=1)
     except (OSError, ValueError) as e:
         die(str(e))
+    print(loaded_line(a.src, run), file=sys.stderr)  # which checkpoint of a run folder, and its step
     n = sum(v.numel() for k, v in sd.items() if k not in ("lm_head.weight", "wte.weight")) + cfg.vocab_size * cfg.n_embd
     print(f"wrote {a.dst} ({a.to}, {cfg.n_layer} layers, {cfg.n_embd} wide, {n:,} parameters)")
     if a.to == "hf" and (note := tokenizer_note(tok, cfg.vocab_size)):

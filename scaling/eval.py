@@ -1,7 +1,8 @@
 """Evaluate a model: python -m scaling.eval MODEL (loss --data DIR | hellaswag [--file F])
 
 MODEL is anything scaling.convert reads: a run or checkpoint folder, our .pt, a Hugging Face
-GPT-2 folder or a nanoGPT ckpt.pt.
+GPT-2 folder or a nanoGPT ckpt.pt. One line on stderr names what was loaded and its step
+(`loaded runs/x/checkpoints/step_500 (step 500)`); stdout is one JSON line of results.
 
 loss: mean next-token loss over the first --sequences windows of --seq-len tokens (default: the
   model's block_size; longer is refused) of a prepared split (the published GPT-2 losses on
@@ -180,17 +181,22 @@ def main(argv=None):
         if a.task == "loss" and not a.data:
             raise ValueError("loss needs --data DIR (a prepared dataset)")
         examples = hellaswag_examples(a.file) if a.task == "hellaswag" else None  # before a long model load
-        from scaling.weights import load_any
-        model, tok = load_any(a.model, device)
+        from scaling.weights import load_any, loaded_line
+        model, tok, run = load_any(a.model, device)
         block = model.cfg.block_size
         if a.task == "loss":
             seq_len = a.seq_len or block
             if seq_len > block:  # it has no position embeddings past block_size
-                raise ValueError(f"--seq-len {seq_len}: longer than the model's block_size {block}")
+                raise ValueError(f"--seq-len: {seq_len} exceeds the model's block_size {block}")
             check_data(a.data, tok, model)
+        else:
+            tokenizer = tokenizer_of(tok, model)
+        # Once the input is known good (bad input is one line), before the long part: stdout is the JSON.
+        print(loaded_line(a.model, run), file=sys.stderr, flush=True)
+        if a.task == "loss":
             r = split_loss(model, a.data, a.split, seq_len, a.sequences, a.batch, device)
         else:
-            r = hellaswag(model, tokenizer_of(tok, model), examples, device, a.limit)
+            r = hellaswag(model, tokenizer, examples, device, a.limit)
     except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,11 +1,13 @@
 """Generate text from a trained model.
 
 python -m scaling.sample RUN_DIR_OR_CHECKPOINT [--prompt TEXT] [--max-new-tokens N] ...
-A run folder means its newest complete checkpoint.
+A run folder means its newest complete checkpoint; one line on stderr names the checkpoint
+loaded and its step (`loaded runs/x/checkpoints/step_500 (step 500)`), stdout is the samples.
 """
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -63,16 +65,18 @@ def main(argv=None):
                          "sample did (bf16 weights and activations, fp32 logits)")
     a = ap.parse_args(argv)
     check_args(a)
-    from scaling.weights import load_model
+    from scaling.weights import load_checkpoint, loaded_line, saved_counts
     try:
         device = pick_device(a.device)
-        model, tok, cfg = load_model(a.path, device=device)
+        model, tok, cfg, ckpt = load_checkpoint(a.path, device=device)
     except (OSError, ValueError, ConfigError) as e:  # OSError: no network for GPT-2's BPE files, too
         die(str(e))
     try:
         tok.encode(a.prompt)
     except ValueError as e:  # the char tokenizer knows only its dataset's alphabet
         die(f"--prompt: {e}")
+    # Which checkpoint of a run folder this is, on stderr: stdout is the samples alone.
+    print(loaded_line(a.path, {"checkpoint": str(ckpt), **saved_counts(ckpt)}), file=sys.stderr, flush=True)
     if (cfg.train.dtype if a.dtype == "auto" else a.dtype) == "bf16":
         model.to(torch.bfloat16)  # what FSDP's bf16 mixed precision computes with, in one process
     for i in range(a.num_samples):

@@ -248,7 +248,8 @@ def read_weights_and_tokenizer(src: str | Path) -> tuple[dict[str, torch.Tensor]
 
 def read_source(src: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dict | None, dict]:
     """read_weights_and_tokenizer, and what our checkpoint and run folders say about the training
-    behind the weights (see run_record; {} for other sources): what a model card reports."""
+    behind the weights (see run_record; kept in our .pt files written from them; nanoGPT's
+    iter_num as the step; {} for Hugging Face folders): what a model card and loaded_line report."""
     if not Path(src).exists():
         raise FileNotFoundError(f"{src}: not found (expected {SOURCES})")
     try:
@@ -268,11 +269,7 @@ def run_record(ckpt: Path, name: str) -> dict:
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     if run_dir is not None:
         record["run_dir"] = str(run_dir)
-    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    train = {k: 0 for k in ("step", "tokens") if f"train.{k}" in saved}
-    if train:
-        dcp.load({"train": train}, checkpoint_id=ckpt)
-        record.update({k: int(v) for k, v in train.items()})
+    record.update(saved_counts(ckpt))
     last = None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         from scaling.metrics import read_metrics  # skips (and names) damaged lines
@@ -282,6 +279,28 @@ def run_record(ckpt: Path, name: str) -> dict:
     if last is not None:
         record.update(val_loss=last["val_loss"], val_step=last["step"])
     return record
+
+
+def saved_counts(ckpt: Path) -> dict:
+    """{"step": ..., "tokens": ...} as the checkpoint recorded them (train.step, train.tokens): the
+    folder's name need not say (a checkpoint folder may be copied under any name)."""
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    train = {k: 0 for k in ("step", "tokens") if f"train.{k}" in saved}
+    if train:
+        dcp.load({"train": train}, checkpoint_id=ckpt)
+    return {k: int(v) for k, v in train.items()}
+
+
+def loaded_line(src: str | Path, run: dict) -> str:
+    """The one line sample, eval and convert print (on stderr: their stdout is text, JSON or the
+    export's summary) naming the weights they read: for a run folder the checkpoint it resolved
+    to, and the step where the source records it (our folders and .pt files written from them,
+    nanoGPT's iter_num). run: read_source's record."""
+    step = f"step {run['step']}" if "step" in run else "no step recorded"
+    if Path(src).is_dir() and "checkpoint" in run:  # our run or checkpoint folder
+        return f"loaded {run['checkpoint']} ({step})"
+    origin = f", converted from {run['checkpoint']}" if "checkpoint" in run else ""
+    return f"loaded {src} ({step}{origin})"
 
 
 def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dict | None, dict]:
@@ -310,13 +329,19 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dic
         if tok is not None and not (isinstance(tok, dict) and tok.get("name") in TOKENIZERS
                                     and isinstance(tok.get("vocab_size"), int)):
             raise ValueError(f"its 'tokenizer' entry is not a tokenizer ({tok!r:.80})")
+        run = ck.get("run", {})  # what the run folder it was written from said (absent for other sources)
+        if not (isinstance(run, dict) and isinstance(run.get("step", 0), int)):
+            raise ValueError(f"its 'run' entry is not a run record ({run!r:.80})")
         sd = {**ck["model"], "lm_head.weight": ck["model"]["wte.weight"]}
-        return sd, cfg, ck.get("vocab", cfg.vocab_size), tok, {}
+        return sd, cfg, ck.get("vocab", cfg.vocab_size), tok, run
     if isinstance(ck, dict) and "model_args" in ck:  # nanoGPT
         a = ck["model_args"]
         cfg = GPTConfig(n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"], block_size=a["block_size"],
                         vocab_size=a["vocab_size"], dropout=a.get("dropout", 0.0), bias=a.get("bias", True))
-        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg, cfg.vocab_size, None, {}
+        # nanoGPT saves only after iteration 0: an iter_num of 0 is an export that did not know the step
+        step = ck.get("iter_num")
+        run = {"step": step} if isinstance(step, int) and step > 0 else {}
+        return nanogpt_to_ours(ck["model"], cfg.n_layer), cfg, cfg.vocab_size, None, run
     raise ValueError(f"a {type(ck).__name__} without 'gpt_config' or 'model_args'")
 
 
@@ -403,7 +428,7 @@ def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, 
     elif to == "nanogpt":
         args = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
                                             "dropout")}
-        ck = {"model": ours_to_nanogpt(sd, cfg.n_layer), "model_args": args, "iter_num": 0,
+        ck = {"model": ours_to_nanogpt(sd, cfg.n_layer), "model_args": args, "iter_num": (run or {}).get("step", 0),
               "best_val_loss": float("inf"), "config": {}}
         files = {dst: lambda t: torch.save(ck, t)}
     else:
@@ -411,6 +436,8 @@ def write_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, dst: str | Path, 
         ck = {"model": sd, "gpt_config": asdict(cfg), "vocab": vocab or cfg.vocab_size}
         if tokenizer is not None:
             ck["tokenizer"] = tokenizer
+        if run:  # its step and provenance, for eval's loaded line and a later export's model card
+            ck["run"] = run
         files = {dst: lambda t: torch.save(ck, t)}
     _write_all(dst, files, stale)
     return cfg
@@ -459,9 +486,14 @@ def _why(e: Exception, folder: Path) -> str:
 
 def load_model(path: str | Path, device="cpu"):
     """(model, tokenizer, config) from a checkpoint or run folder, for inference."""
+    return load_checkpoint(path, device)[:3]
+
+
+def load_checkpoint(path: str | Path, device="cpu"):
+    """load_model, and the checkpoint folder it read: a run folder's newest good one."""
     from scaling.tokenizer import get_tokenizer
-    model, tok_spec, cfg, _ = _load_ours(path, device)
-    return model, get_tokenizer(tok_spec["name"], tok_spec), cfg
+    model, tok_spec, cfg, ckpt = _load_ours(path, device)
+    return model, get_tokenizer(tok_spec["name"], tok_spec), cfg, ckpt
 
 
 def _load_ours(path: str | Path, device="cpu"):
@@ -487,16 +519,17 @@ def _load_ours(path: str | Path, device="cpu"):
     return model, tok_spec, cfg, ckpt
 
 
-def load_any(src: str, device) -> tuple[torch.nn.Module, dict | None]:
-    """(model, tokenizer spec) from any weights read_weights reads. The spec (name, vocab_size, ...)
-    is the one our runs, checkpoints and .pt files record; None for weights that do not say
-    (Hugging Face and nanoGPT GPT-2 weights, meant for GPT-2's tokenizer)."""
+def load_any(src: str, device) -> tuple[torch.nn.Module, dict | None, dict]:
+    """(model, tokenizer spec, run record) from any weights read_weights reads. The spec (name,
+    vocab_size, ...) is the one our runs, checkpoints and .pt files record; None for weights that
+    do not say (Hugging Face and nanoGPT GPT-2 weights, meant for GPT-2's tokenizer). The record
+    is read_source's (the checkpoint and its step, for loaded_line)."""
     from scaling.model import GPT
-    sd, cfg, _, tok = read_weights_and_tokenizer(src)
+    sd, cfg, _, tok, run = read_source(src)
     model = GPT(cfg)
     model.load_state_dict(sd)
     model.to(device).eval()
-    return model, tok
+    return model, tok, run
 
 
 def load_pretrained(model, cfg, log):

@@ -69,10 +69,10 @@ def test_recipe_starts_from_imported_weights(trained, data_root, tmp_path):
     p = run_module("scaling.train", *tiny_args(data_root, tmp_path / "ft", f"--model.init_from={tmp_path / 'hf'}",
                                                "--train.max_steps=2"), check=True)
     assert "initialised from" in p.stdout
-    first_val = [line for line in p.stdout.splitlines() if line.startswith("step 0 | val_loss")][0]
-    scratch = run_module("scaling.train", *tiny_args(data_root, tmp_path / "sc", "--train.max_steps=2"), check=True)
-    scratch_val = [line for line in scratch.stdout.splitlines() if line.startswith("step 0 | val_loss")][0]
-    assert float(first_val.split()[4]) < float(scratch_val.split()[4]) - 0.3  # starts where the run ended
+    run_module("scaling.train", *tiny_args(data_root, tmp_path / "sc", "--train.max_steps=2"), check=True)
+    first_val, scratch_val = ([r["val_loss"] for r in read_metrics(tmp_path / run) if "val_loss" in r][0]
+                              for run in ("ft", "sc"))  # each run's step-0 evaluation
+    assert first_val < scratch_val - 0.3  # starts where the run ended
 
 
 def test_init_from_with_another_shape_is_a_one_line_error(trained, data_root, tmp_path):
@@ -277,7 +277,7 @@ def test_sample_prompt_outside_the_char_alphabet_exits_2_with_one_line(tmp_path,
     import scaling.weights
     from scaling.sample import main
     from scaling.tokenizer import CharTokenizer
-    monkeypatch.setattr(scaling.weights, "load_model", lambda path, device: (None, CharTokenizer("abc"), None))
+    monkeypatch.setattr(scaling.weights, "load_checkpoint", lambda path, device: (None, CharTokenizer("abc"), None, None))
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path), "--prompt", "cab!"])
     assert e.value.code == 2
@@ -465,3 +465,15 @@ def test_gpt2_export_without_the_bpe_files_offline_exits_2_with_one_line_and_wri
     assert p.stderr.startswith("error: no network: tiktoken cannot fetch GPT-2's BPE files") and \
         "TIKTOKEN_CACHE_DIR" in p.stderr, p.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_convert_names_the_checkpoint_step_it_read(trained, tmp_path):
+    p = run_module("scaling.convert", trained, tmp_path / "out.pt", check=True)
+    assert p.stderr == f"loaded {trained / 'checkpoints' / 'step_8'} (step 8)\n", p.stderr
+
+
+def test_a_pt_file_keeps_the_runs_record_for_the_model_card_of_a_later_export(trained, tmp_path):
+    run_module("scaling.convert", trained, tmp_path / "out.pt", check=True)
+    run_module("scaling.convert", tmp_path / "out.pt", tmp_path / "hf", "--to", "hf", check=True)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "- Steps trained: 8\n" in card and f"- Checkpoint: `{trained / 'checkpoints' / 'step_8'}`\n" in card, card

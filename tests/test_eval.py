@@ -40,7 +40,7 @@ def test_split_loss_uses_the_models_block_size_by_default_and_says_so(shakespear
 
 def test_split_loss_refuses_a_seq_len_longer_than_the_models_block_size(shakespeare_model, data_root):
     p = run_module("scaling.eval", shakespeare_model, "loss", "--data", data_root / "shakes", "--seq-len", 128)
-    assert p.returncode == 2 and p.stderr == "error: --seq-len 128: longer than the model's block_size 64\n", p.stderr
+    assert p.returncode == 2 and p.stderr == "error: --seq-len: 128 exceeds the model's block_size 64\n", p.stderr
 
 
 def token_data(path, name, vocab_size, ids, **meta):
@@ -224,5 +224,26 @@ def test_a_run_folder_with_a_damaged_newest_checkpoint_is_read_from_the_older_on
     p = run_module(f"scaling.{command}", *args)
     assert p.returncode == 0, p.stderr
     assert p.stderr.splitlines() == [f"warning: checkpoint: skipping {newest}: checksum mismatch in {shard.name} "
-                                     f"(the file changed after it was saved) (left in place); using {older}"]
+                                     f"(the file changed after it was saved) (left in place); using {older}",
+                                     f"loaded {older} (step 2)"]
     assert shard.read_bytes() == data  # left as it was
+
+
+# Which weights eval read, and their step, is one line on stderr; stdout stays one JSON line.
+
+def test_eval_names_the_checkpoint_step_it_loaded(saved_twice, data_root):
+    p = run_module("scaling.eval", saved_twice, "loss", "--data", data_root / "shakes", "--sequences", 1,
+                   "--device", "cpu", check=True)
+    assert p.stderr == f"loaded {saved_twice / 'checkpoints' / 'step_4'} (step 4)\n", p.stderr
+    assert json.loads(p.stdout)["sequences"] == 1
+
+
+@pytest.mark.parametrize("to, says", [("pt", "step 4, converted from {ckpt}"), ("nanogpt", "step 4"),
+                                      ("hf", "no step recorded")])
+def test_eval_of_an_export_names_the_file_and_the_step_it_records(to, says, saved_twice, data_root, tmp_path):
+    # our .pt keeps the run's record, nanoGPT's ckpt.pt the step as iter_num, Hugging Face's config.json no step
+    out = tmp_path / ("hf" if to == "hf" else "model.pt")
+    run_module("scaling.convert", saved_twice, out, "--to", to, check=True)
+    p = run_module("scaling.eval", out, "loss", "--data", data_root / "shakes", "--sequences", 1,
+                   "--device", "cpu", check=True)
+    assert p.stderr == f"loaded {out} ({says.format(ckpt=saved_twice / 'checkpoints' / 'step_4')})\n", p.stderr

@@ -126,7 +126,7 @@ def test_end_of_training_sample_with_an_odd_prompt_is_what_scaling_sample_gives(
     p = run_torchrun(nproc, "scaling.train", *tiny_args(data_root, run, *layout, "--train.max_steps=4",
                                                        "--logging.sample_tokens=40", "--logging.sample_prompt=ROMEO",
                                                        "--logging.sample_temperature=0"))
-    sample = p.stdout.split("sample:\n", 1)[1].rstrip("\n")
+    sample = p.stdout.split("sample:\n", 1)[1].split("\ndone: ", 1)[0].rstrip("\n")  # the run's summary follows it
     assert sample.startswith("ROMEO")
     s = run_module("scaling.sample", run, "--prompt", "ROMEO", "--max-new-tokens", "40", "--temperature", "0",
                    check=True)
@@ -196,3 +196,9 @@ def test_sample_command_never_draws_a_padded_id(padded_run, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(drawn) == 24
     assert max(drawn) < 257, f"padded ids drawn: {sorted(set(i for i in drawn if i >= 257))}"
+
+
+def test_sample_names_the_checkpoint_step_it_loaded(padded_run):
+    run, _ = padded_run
+    p = run_module("scaling.sample", run, "--max-new-tokens", 4, "--device", "cpu", check=True)
+    assert p.stderr == f"loaded {run / 'checkpoints' / 'step_2'} (step 2)\n", p.stderr  # stdout: the samples alone
