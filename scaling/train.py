@@ -8,9 +8,23 @@ keep a non-finite or spiking step out of the weights, update); log_window(), val
 and preempted() are what happens after a step; finish() waits for the last save and samples.
 """
 
+import os
+import signal
+
+INTERRUPTED = "error: interrupted: nothing was saved by this command (the checkpoints saved before are intact)"
+
+
+def _interrupted(signum, frame):
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, (INTERRUPTED + "\n").encode())
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C in the seconds of imports and set-up before the loop takes SIGINT over
+    signal.signal(signal.SIGINT, _interrupted)
+
 import contextlib
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -382,9 +396,8 @@ def main(argv=None):
         sys.exit(e.args[0])
     except NonFinite as e:
         die(str(e), code=3)
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT (or after it gave it back)
-        die("interrupted: nothing was saved by this command (the checkpoints saved before are intact)",
-            code=distributed.EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # main() called in a process that kept Python's own SIGINT handler
+        die(INTERRUPTED.removeprefix("error: "), code=distributed.EXIT_INTERRUPTED)
     except torch.OutOfMemoryError:
         if torch.cuda.is_available() and cfg.logging.oom_snapshot:
             path = Path(cfg.logging.run_dir) / f"oom_snapshot_rank{distributed.rank()}.pickle"

@@ -150,7 +150,7 @@ def test_the_readme_commands_run_in_order(workdir):
     outputs = {strip(cmd): p.stdout + p.stderr for cmd, p in ran}
     assert "sample:\n" in outputs["make demo"] and "cpu_demo: validation loss" in outputs["make demo"]
     assert (workdir / "runs" / "cpu_demo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    tp = "NPROC=4 launch/torchrun.sh recipes/cpu_demo.yaml --parallel.dp_shard=2 --parallel.tp=2"
+    tp = "NPROC=4 launch/torchrun.sh recipes/cpu_demo.yaml --parallel.dp_shard=2 --parallel.tp=2 --logging.run_dir=runs/cpu_demo_tp"
     assert "FSDP+TP" in outputs[tp] and "sample:\n" in outputs[tp]
     assert "may give inconsistent results" not in outputs[tp]  # DTensor's warning on a 2-D gradient norm
     assert (workdir / "out" / "hf" / "config.json").is_file() and (workdir / "gpt2.pt").is_file()
