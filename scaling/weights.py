@@ -347,7 +347,8 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, int, dic
 
 def _torch_load(path: Path):
     try:
-        with warnings.catch_warnings(action="ignore"):  # e.g. a foreign pickle's protocol: the error says enough
+        with warnings.catch_warnings():  # e.g. a foreign pickle's protocol: the error says enough
+            warnings.simplefilter("ignore")  # (catch_warnings(action=...) is Python 3.11+; we support 3.10)
             return torch.load(path, map_location="cpu", weights_only=True)
     except NOT_WEIGHTS:  # its own messages (a bare KeyError: 101 for a text file) would say nothing
         raise ValueError("not a PyTorch file of tensors") from None
