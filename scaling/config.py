@@ -68,6 +68,8 @@ class TrainConfig:
     dtype: str = opt("fp32", "compute dtype: fp32, or bf16 mixed precision (bf16 compute on fp32 master weights, "
                      "FSDP2's policy in every layout, CPU and CUDA)", ["fp32", "bf16"])
     device: str = opt("auto", "auto picks cuda when present, else cpu", ["auto", "cpu", "cuda"])
+    tf32: bool = opt(True, "CUDA: fp32 matmuls in TF32 (fp32 range, 10-bit mantissa; several times faster on "
+                     "A100/H100); false for exact IEEE fp32. No effect on CPUs or on bf16 compute")
     on_nonfinite: str = opt("stop", "a NaN/inf loss or gradient norm: stop the run (the last checkpoint "
                             "stays as it was), or skip that batch's update", ["stop", "skip"])
 

@@ -13,17 +13,30 @@ import torch
 from scaling.config import profile_range
 from scaling.errors import ConfigError
 
-# Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
-PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A10G": 125e12,
-             "L4": 121e12, "L40S": 362e12, "4090": 165e12, "B200": 2250e12}
+# Dense bf16 peak FLOP/s (no sparsity) by the exact name torch.cuda.get_device_name() gives, from
+# each vendor's datasheet: A100 312 T (SXM and PCIe, 40 and 80 GB); H100 SXM 989 T, PCIe 756 T,
+# NVL 835 T; H200 SXM 989 T, NVL 835 T; GH200 989 T (its GPU is an H100's); B200 2,250 T; L40S
+# 362 T; L4 121 T; A10G 125 T; RTX 4090 165 T (bf16 with fp32 accumulate); MI300X 1,307 T. Matched
+# whole, never by substring (an "L40S" contains "L4", an "H100 PCIe" contains "H100"): a name not
+# listed gives no MFU rather than a wrong one.
+PEAK_BF16 = {
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "NVIDIA A10G": 125e12, "NVIDIA GeForce RTX 4090": 165e12,
+    "AMD Instinct MI300X": 1307e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, or None where unknown (CPUs, unlisted GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return peak_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_for(name: str) -> float | None:
+    return PEAK_BF16.get(name.strip())
 
 
 def memory(device: torch.device) -> dict:

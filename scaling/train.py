@@ -89,7 +89,7 @@ def start_process(cfg: Config) -> distributed.Env:
     # collective times out; these are read when the process group is created.
     for var in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
         os.environ.setdefault(var, str(Path(cfg.logging.run_dir).resolve() / "nccl_trace_rank_"))
-    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
+    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s, cfg.train.tf32)
     if cfg.parallel.compile is None:
         cfg.parallel.compile = env.device.type == "cuda"  # on CPU compile costs a minute and runs slower
     if env.device.type == "cuda" and cfg.logging.oom_snapshot:

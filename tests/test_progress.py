@@ -13,10 +13,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT, read_metrics, run_module, tiny_args
 from scaling.checkpoint import checkpoints, problem
-from scaling.metrics import format_line
+from scaling.metrics import format_line, peak_for
 from test_launch_exit_codes import wait_for_steps
 
 LINE = re.compile(r"^step (\d+)/(\d+) [\d.]+% \| loss [\d.]+ \| \d+ms \| [\d.]+[kMB]? tok/s \| [\d.]+GB \| "
@@ -66,6 +67,22 @@ def test_the_console_line_fits_100_columns_at_the_gpt2_recipes_scale():
     line = format_line(r)
     assert line == "step 123456/600000 21% | loss 2.9134 | 412ms | mfu 45% | 38.2GB | 60.7B tok | time 14h08m eta 54h05m"
     assert len(line) <= 100
+
+
+def test_mfu_peaks_are_found_by_the_whole_device_name_and_none_for_an_unknown_one():
+    assert peak_for("NVIDIA L40S") == 362e12 and peak_for("NVIDIA L4") == 121e12  # not L4's for an L40S
+    assert peak_for("NVIDIA H100 PCIe") == 756e12 and peak_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_for("NVIDIA H200") == 989e12 and peak_for("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_for("NVIDIA H100 Something New") is None  # mfu "-" rather than another card's figure
+
+
+def test_a_cpu_run_leaves_fp32_matmuls_exact(data_root, tmp_path):
+    # train.tf32 (on by default) is for CUDA: on a CPU nothing may lower fp32 matmul precision.
+    from scaling.config import load_config
+    from scaling.train import train as train_here
+    train_here(load_config(tiny_args(data_root, tmp_path)[0], [str(a) for a in tiny_args(data_root, tmp_path)[1:]]))
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.backends.cuda.matmul.fp32_precision == "none"
 
 
 def test_the_runs_clock_goes_on_across_a_resume(resumed):
