@@ -268,7 +268,7 @@ def worker_pid(agent_pid, local_rank):
 
 
 @pytest.mark.parametrize("layout, sig", [pytest.param("single", signal.SIGTERM, marks=pytest.mark.slow),
-                                         ("fsdp2", signal.SIGUSR1)])
+                                         pytest.param("fsdp2", signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_stop_signal_saves_at_a_step_boundary_and_the_same_command_resumes(layout, sig, data_root, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     rc, out = run(command(layout, data_root, whole, *RESUMABLE, "--train.max_steps=30"))

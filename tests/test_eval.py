@@ -239,7 +239,7 @@ def test_eval_names_the_checkpoint_step_it_loaded(saved_twice, data_root):
 
 
 @pytest.mark.parametrize("to, says", [("pt", "step 4, converted from {ckpt}"), ("nanogpt", "step 4"),
-                                      ("hf", "no step recorded")])
+                                      pytest.param("hf", "no step recorded", marks=pytest.mark.slow)])
 def test_eval_of_an_export_names_the_file_and_the_step_it_records(to, says, saved_twice, data_root, tmp_path):
     # our .pt keeps the run's record, nanoGPT's ckpt.pt the step as iter_num, Hugging Face's config.json no step
     out = tmp_path / ("hf" if to == "hf" else "model.pt")

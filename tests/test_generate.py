@@ -108,7 +108,7 @@ def test_the_reference_depends_on_the_prompt(probe):
 
 
 END_TO_END = [  # (name, processes, overrides); every layout's generate() is covered by the probe above
-    pytest.param("tp2_sp", 2, ["--parallel.tp=2", "--parallel.dp_shard=1"], id="tp2_sp"),
+    pytest.param("tp2_sp", 2, ["--parallel.tp=2", "--parallel.dp_shard=1"], id="tp2_sp", marks=pytest.mark.slow),
     pytest.param("tp2", 2, ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel=false"],
                  id="tp2", marks=pytest.mark.slow),
     pytest.param("hsdp2x2", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], id="hsdp2x2",

@@ -224,6 +224,7 @@ def logs_of(run_dir):
     return "".join(f.read_text() for f in (Path(run_dir) / "logs").glob("*.out")) if (Path(run_dir) / "logs").is_dir() else ""
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_on_loopback_match_one_node(data_root, tmp_path):
     """launch/torchrun.sh twice (node ranks 0 and 1, one process each), as on two machines."""
     args = [str(a) for a in tiny_args(data_root, tmp_path / "two", *COMMON)]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from conftest import ROOT, read_metrics, tiny_args
@@ -50,6 +51,7 @@ def test_sigterm_to_the_launcher_saves_every_worker_and_exits_75_without_a_trace
     assert checkpoints(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_by_a_signal_makes_the_launcher_exit_1_naming_it(data_root, tmp_path):
     p = start_launcher(data_root, tmp_path, "--train.max_steps=100000", "--checkpoint.every=100000")
     try:
@@ -72,6 +74,7 @@ def test_bad_input_under_the_launcher_is_rank_0s_one_line_and_exit_2(data_root, 
     assert (out + err).strip() == "error: train.max_stepz: unknown key (did you mean train.max_steps?)", out + err
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_slurm_job_also_leaves_the_mark_its_report_reads(data_root, tmp_path):
     p = start_launcher(data_root, tmp_path, "--train.max_stepz=4", env={"SLURM_JOB_ID": "7"})
     out, err = p.communicate(timeout=180)

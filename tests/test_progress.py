@@ -100,6 +100,7 @@ def test_each_committed_checkpoint_prints_its_step_size_and_path(finished):
     assert float(saved[-1][1]) == pytest.approx(size / 1e6, abs=0.06)
 
 
+@pytest.mark.slow
 def test_a_finished_run_closes_with_a_summary_whose_commands_work(finished, tmp_path):
     out, run_dir = finished
     tail = out[out.index("\ndone: "):].strip().splitlines()
@@ -143,7 +144,7 @@ def test_ctrl_c_saves_the_step_and_exits_130_saying_how_to_resume(data_root, tmp
     assert stop and "Traceback" not in out + err and "KeyboardInterrupt" not in err, (out[-2000:], err[-2000:])
     assert [c.name for c in checkpoints(tmp_path)] == [f"step_{stop.group(1)}"]
     again = train(data_root, tmp_path, f"--train.max_steps={int(stop.group(1)) + 2}", "--logging.every=1",
-                  "--train.eval_every=0", check=True)
+                  "--train.eval_every=0", check=True)  # the same command, with an end in sight
     assert f"resumed from {tmp_path / 'checkpoints' / ('step_' + stop.group(1))}" in again.stdout
 
 
@@ -167,6 +168,7 @@ def test_ctrl_c_before_training_starts_is_one_line_and_exit_130(data_root, tmp_p
                                                  "checkpoints saved before are intact)\n")
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once_keeping_the_checkpoints_saved_before(data_root, tmp_path):
     # A model whose steps take a good part of a second, so both signals land inside one step.
     slow = ["--model.size=null", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=256",
@@ -205,28 +207,20 @@ def test_resuming_a_finished_run_says_so_and_exits_0_leaving_the_folder_as_it_wa
     assert files(run_dir) == before  # config.yaml still holds the finished run's lr
 
 
-@pytest.fixture(scope="module")
-def eight(data_root, tmp_path_factory):
-    """A finished run of tests/tiny.yaml as it is (8 steps), for tests that extend a copy of it."""
-    run_dir = tmp_path_factory.mktemp("eight")
-    train(data_root, run_dir, check=True)
-    return run_dir
-
-
-def test_extending_a_run_says_what_happens_to_its_learning_rate(data_root, eight, tmp_path):
-    # tiny: warmup 2, cosine to min_lr 1e-4 at step 8; extended to 16 the decay moves to step 16.
-    shutil.copytree(eight, tmp_path / "r")
+def test_extending_a_run_says_what_happens_to_its_learning_rate(data_root, finished, tmp_path):
+    # tiny: warmup 2, cosine to min_lr 1e-4 at step 12; extended to 16 the decay moves to step 16.
+    shutil.copytree(finished[1], tmp_path / "r")
     p = train(data_root, tmp_path / "r", "--train.max_steps=16", check=True)
-    assert ("resume: the learning rate at step 9 is 6.50e-04, where the schedule it was saved with had 1.00e-04; "
-            "to keep the schedule it was on, add --optim.decay_steps=6 (the added steps then train at "
+    assert ("resume: the learning rate at step 13 is 2.69e-04, where the schedule it was saved with had 1.00e-04; "
+            "to keep the schedule it was on, add --optim.decay_steps=10 (the added steps then train at "
             "optim.min_lr)") in p.stdout.splitlines(), p.stdout
 
 
-def test_decay_steps_keeps_an_extended_run_on_its_schedule(data_root, eight, tmp_path):
-    shutil.copytree(eight, tmp_path / "r")
-    p = train(data_root, tmp_path / "r", "--train.max_steps=16", "--optim.decay_steps=6", check=True)
-    assert "resume: the learning rate schedule goes on as before (lr 1.00e-04 at step 9)" in p.stdout.splitlines()
-    assert [r["lr"] for r in read_metrics(tmp_path / "r") if "loss" in r and r["step"] > 8] == [1e-4] * 4
+def test_decay_steps_keeps_an_extended_run_on_its_schedule(data_root, finished, tmp_path):
+    shutil.copytree(finished[1], tmp_path / "r")
+    p = train(data_root, tmp_path / "r", "--train.max_steps=16", "--optim.decay_steps=10", check=True)
+    assert "resume: the learning rate schedule goes on as before (lr 1.00e-04 at step 13)" in p.stdout.splitlines()
+    assert [r["lr"] for r in read_metrics(tmp_path / "r") if "loss" in r and r["step"] > 12] == [1e-4] * 2
 
 
 def test_online_wandb_without_credentials_is_one_line_before_anything_is_written(data_root, tmp_path):
