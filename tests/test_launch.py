@@ -92,9 +92,9 @@ if os.environ.get("SLOW_SAVE_S"):
     import time
     import scaling.checkpoint as ck
     commit = ck.Checkpointer._commit
-    def slow_commit(self, tmp, final):
+    def slow_commit(self, *args):  # whatever _commit takes
         time.sleep(float(os.environ["SLOW_SAVE_S"]))
-        return commit(self, tmp, final)
+        return commit(self, *args)
     ck.Checkpointer._commit = slow_commit
 """
 
