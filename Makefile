@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow test-all bench gpu-check install clean
+.PHONY: demo test test-slow test-all test-compat bench gpu-check install clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,42 @@ test-slow: install
 
 test-all: test test-slow
 
+# The GPU image's versions: torch 2.11 on Python 3.10, the oldest we support, in a venv of its own
+# (.venv-compat), running the tests that touch what changed between torch releases: every parallel
+# layout, resume, `bench comm` (in the README's commands), gpu_check's CPU parts and the launcher's
+# stop-save grace (through its own python: the launchers take $PYTHON). Not part of test-all.
+# On Linux x86_64 PyPI's torch 2.11 is the CUDA 13 build (5 GB in the venv with its nvidia packages);
+# where download.pytorch.org is reachable, COMPAT_INDEX=--index-url=https://download.pytorch.org/whl/cpu
+# takes the CPU build instead.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TORCH ?= 2.11.0
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
+COMPAT_INDEX ?=
+COMPAT_TESTS := \
+	tests/test_compat.py \
+	tests/test_parallel.py::test_layout_reproduces_single_process_run \
+	tests/test_checkpoint.py::test_sigkilled_run_resumes_from_the_newest_checkpoint_with_bit_identical_losses \
+	tests/test_checkpoint.py::test_checkpoint_resumes_under_another_layout \
+	tests/test_checkpoint.py::test_stop_signal_saves_at_a_step_boundary_and_the_same_command_resumes \
+	tests/test_readme.py::test_the_readme_commands_run_in_order \
+	tests/test_gpu_check.py \
+	tests/test_launch.py::test_a_stop_save_longer_than_torchruns_30_s_still_commits_and_the_requeued_job_resumes
+# The project's requirements, dev extra included, all but its torch pin.
+NOT_TORCH := import re, importlib.metadata as m; print(*[r.split(";")[0] for r in m.requires("scaling") \
+	if re.match(r"[\w.-]+", r)[0] != "torch" and ("extra ==" not in r or "extra == \"dev\"" in r)])
+
+$(COMPAT_VENV)/.installed: pyproject.toml
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q torch==$(COMPAT_TORCH) $(COMPAT_INDEX)
+	$(COMPAT_VENV)/bin/pip install -q --no-deps -e .
+	@echo "(pip will say that scaling requires another torch: expected here)"
+	$(COMPAT_VENV)/bin/pip install -q $$($(COMPAT_VENV)/bin/python -c '$(NOT_TORCH)')
+	$(COMPAT_VENV)/bin/python -c 'import torch; assert torch.__version__.startswith("$(COMPAT_TORCH)"), torch.__version__'
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	PYTHON=$(abspath $(COMPAT_VENV)/bin/python) $(COMPAT_VENV)/bin/python -m pytest -q $(COMPAT_TESTS) --durations=10
+
 bench: install
 	$(BIN)/python -m scaling.bench
 
@@ -45,4 +81,4 @@ gpu-check:
 	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m scaling.gpu_check $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs data/embedded
+	rm -rf $(VENV) $(COMPAT_VENV) runs data/embedded

@@ -62,7 +62,7 @@ PORT=$(( 20000 + SLURM_JOB_ID % 12000 ))
 # torchrun gives its workers 30 s from SIGTERM to SIGKILL; the stop-save of an XL run to a network
 # filesystem takes longer. Give them the signal's lead time (--signal=B:USR1@300 above; set
 # SCALING_SIGNAL_LEAD if you change it) less a minute for the requeue. torchrun reads this from
-# torch 2.12 on; older ones keep 30 s.
+# torch 2.12 on; scaling.launch gives torch 2.11 the same.
 SIGNAL_LEAD=${SCALING_SIGNAL_LEAD:-300}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$(( SIGNAL_LEAD > 90 ? SIGNAL_LEAD - 60 : 30 ))}
 

@@ -9,6 +9,8 @@
 # Benchmark the interconnect first: the same variables with `-m scaling.bench comm` via
 #   SCALING_MODULE=scaling.bench launch/torchrun.sh comm
 # NPROC overrides the processes per node; SCALING_FABRIC / SCALING_IFNAME: see nccl_env.sh.
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT: the seconds the workers get from a SIGTERM (a stop: they save)
+# to SIGKILL, 30 unless set; give a big model's save to a slow disk more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/nccl_env.sh

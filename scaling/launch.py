@@ -22,6 +22,7 @@ once, saying how many ranks on which nodes printed it, and an exit code for the 
 (2 bad input, 1 a failure, 0 when the logs explain nothing).
 """
 
+import dataclasses
 import logging
 import os
 import re
@@ -32,13 +33,14 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.api import PContext, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
-from torch.distributed.launcher.api import elastic_launch
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.distributed.run import config_from_args, parse_args
 
 from scaling.distributed import EXIT_DIR, EXIT_INTERRUPTED, EXIT_PREEMPTED
+from scaling.errors import die
 
 BAD_INPUT = "launch: bad input: exit 2 (the workers said why)"
 SIGNAL_ENDED = re.compile(r"error: launch: SIG\w+ ended the workers")
@@ -68,6 +70,27 @@ def launch(argv: list[str]) -> tuple[int, str]:
     if code == EXIT_PREEMPTED and EXIT_INTERRUPTED in codes:  # Ctrl-C: rank 0's line said it all
         return EXIT_INTERRUPTED, ""
     return code, line
+
+
+def give_workers_the_shutdown_timeout():
+    """Workers get TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds from torchrun's SIGTERM to its SIGKILL
+    (launch/slurm_gpt2.sh sets it to the stop-save's lead time). torch 2.12+ reads it itself; 2.11,
+    the GPU image's, closes its workers with PContext.close's fixed default, 30 s, which would kill a
+    long stop-save. This process is torchrun's agent alone: make that default the variable's."""
+    seconds = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    if seconds is None:
+        return
+    if not seconds.isdigit():  # torch 2.12+ would end in a traceback
+        die(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={seconds!r}: expected whole seconds, e.g. 240")
+    if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        return  # torch 2.12+
+    close = PContext.close
+
+    # Also when torchrun stops the others after one worker failed (2.12+ gives those 30 s).
+    def close_after_the_timeout(self, death_sig=None, timeout=int(seconds)):
+        close(self, death_sig, timeout)
+
+    PContext.close = close_after_the_timeout
 
 
 def outcome(failures: dict, saved: int, nproc: int, stopped_by: str | None) -> tuple[int, str]:
@@ -152,6 +175,7 @@ def main(argv=None):
     # workers", "Sending process ... closing signal") say what our one closing line says better.
     # This process is torchrun's agent alone: every log record in it is torchrun's.
     logging.disable(logging.ERROR)
+    give_workers_the_shutdown_timeout()
     with tempfile.TemporaryDirectory(prefix="scaling-launch-") as marks:
         os.environ[EXIT_DIR] = marks  # the workers inherit it
         code, line = launch(argv)
