@@ -6,7 +6,9 @@ version, bytes per token, token count) followed by the ids as little-endian uint
 the vocabulary does not fit in 16 bits). Files are read through np.memmap, never loaded whole.
 
 A split is cut into non-overlapping windows of seq_len + 1 tokens (inputs and their next-token
-targets); scaling.loader decides which window each rank reads at each step.
+targets); scaling.loader decides which window each rank reads at each step. Validation and eval
+read the fixed windows (starting at multiples of seq_len in each file); training reads each epoch
+through a view whose windows start at an offset drawn for that epoch (TokenWindows.shifted).
 """
 
 import json
@@ -178,12 +180,30 @@ class TokenWindows:
         self.seq_len, self.split, self.vocab_size = seq_len, split, meta["vocab_size"]
         self.paths = [Path(data_dir) / f for f in meta["splits"][split]["files"]]
         self.files = [read_tokens(p) for p in self.paths]
+        self.lengths = [len(t) for t in self.files]
         # Windows never straddle two files; the last partial window of each file is dropped.
-        counts = [max(0, (len(t) - 1) // seq_len) for t in self.files]
-        self.starts = np.cumsum([0] + counts)
-        self.num_windows = int(self.starts[-1])
+        self._layout([max(0, (n - 1) // seq_len) for n in self.lengths], [0] * len(self.files))
         if self.num_windows == 0:
             raise DataError(f"{data_dir}: '{split}' split has fewer than {seq_len + 1} tokens")
+
+    def _layout(self, counts: list[int], offsets: list[int]):
+        """Windows of file f: counts[f] of them, the first offsets[f] tokens into it."""
+        self.counts, self.offsets = counts, offsets
+        self.starts = np.cumsum([0] + counts)
+        self.num_windows = int(self.starts[-1])
+
+    def shifted(self, offset: int) -> "TokenWindows":
+        """The same files as windows starting `offset` (0 <= offset < seq_len) tokens into each file:
+        how the training loader reads an epoch, so that contexts do not begin at the same tokens in
+        every epoch. A file holds the same number of windows at every offset, so num_windows does
+        not depend on it: those that fit after seq_len - 1 tokens, which reserves one window of
+        slack unless the file's spare tokens already make room. A file of a single window keeps
+        it, its offset cut to the room it has. A view: these windows (validation's) do not move."""
+        view = object.__new__(type(self))  # a subclass's rows() still applies; no file is mapped again
+        view.__dict__.update(self.__dict__)
+        counts = [max(min(c, 1), (n - self.seq_len) // self.seq_len) for n, c in zip(self.lengths, self.counts)]
+        view._layout(counts, [offset % max(1, n - c * self.seq_len) for n, c in zip(self.lengths, counts)])
+        return view
 
     def __getstate__(self):
         """Pickled by path (a loader worker started by spawn or forkserver maps the files again):
@@ -199,7 +219,7 @@ class TokenWindows:
 
     def _slice(self, w: int) -> np.ndarray:
         f = self._file(w)
-        off = (w - int(self.starts[f])) * self.seq_len
+        off = self.offsets[f] + (w - int(self.starts[f])) * self.seq_len
         return self.files[f][off: off + self.seq_len + 1]
 
     def rows(self, ws: list[int]) -> np.ndarray:

@@ -7,6 +7,12 @@ so a 9B-token dataset starts as fast as a small one, and the loader's whole stat
 the global position: a resumed run continues with exactly the next sample, on any number of
 ranks.
 
+Contexts. Epoch e reads its windows starting epoch_offset(seed, e) tokens into each token file
+(TokenWindows.shifted), so the boundaries of the contexts move between epochs, as nanoGPT's
+random offsets do. Every token is still read at most once per epoch; at the ends of each file
+an epoch leaves out at most one window's worth more than the fixed windows do (the slack that
+keeps W the same in every epoch). Validation and eval read the fixed windows, which never move.
+
 Serving. Each rank reads its share of each step through torchdata's StatefulDataLoader: worker
 processes read and stack the windows of whole steps ahead of training (`data.workers`,
 `data.prefetch_steps`), its pin-memory thread pins them on CUDA, and the loader copies the next
@@ -71,6 +77,19 @@ def shuffle(j: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
     return x.astype(np.int64)
 
 
+OFFSETS = 0x6F666673657473  # keys the epochs' offsets apart from their orders
+
+
+def epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
+    """Where the windows of an epoch start in each token file, in [0, seq_len). Each block of
+    seq_len consecutive epochs (0 .. seq_len - 1, then the next) takes the offsets in an order
+    chosen by (seed, block), so no offset repeats within a block: a run of fewer epochs than
+    seq_len never reads the same contexts twice. A pure function of (seed, epoch), like the
+    order: every rank and every resumed run compute the same one."""
+    block, k = divmod(epoch, seq_len)
+    return int(shuffle(np.array([k]), seq_len, seed ^ OFFSETS, block)[0])
+
+
 def window_indices(first: int, count: int, num_windows: int, seed: int, shuffled: bool = True) -> np.ndarray:
     """The windows of samples first .. first + count - 1 of the run."""
     i = np.arange(first, first + count, dtype=np.int64)
@@ -94,12 +113,23 @@ class RankSteps(torch.utils.data.Dataset):
 
     def __init__(self, windows: TokenWindows, local: int, dp_rank: int, seed: int, shuffled: bool):
         self.windows, self.local, self.dp_rank, self.seed, self.shuffled = windows, local, dp_rank, seed, shuffled
+        # The shifted windows number the same at every offset: the epoch arithmetic holds.
+        self.num_windows = windows.shifted(0).num_windows if shuffled else windows.num_windows
 
     def __getitem__(self, position: int) -> torch.Tensor | Exception:
         first = position + self.dp_rank * self.local
-        ws = window_indices(first, self.local, self.windows.num_windows, self.seed, self.shuffled)
+        ws = window_indices(first, self.local, self.num_windows, self.seed, self.shuffled)
         try:
-            return torch.from_numpy(self.windows.rows(ws.tolist()))
+            if not self.shuffled:
+                # Unshuffled, the split is read front to back in the fixed windows (eval's), the
+                # same in every epoch: a reference order in which window j always names the same
+                # tokens, for tests and debugging. Training runs shuffled.
+                return torch.from_numpy(self.windows.rows(ws.tolist()))
+            epochs = np.arange(first, first + self.local) // self.num_windows
+            seq_len = self.windows.seq_len
+            return torch.from_numpy(np.concatenate([  # a step may span epochs: each reads at its own offset
+                self.windows.shifted(epoch_offset(self.seed, int(e), seq_len)).rows(ws[epochs == e].tolist())
+                for e in np.unique(epochs)]))
         except (DataError, OSError) as e:
             # Returned, not raised: torch would re-raise it in the training process wrapped in
             # the worker's traceback; as an item it arrives as itself, a one-line error.

@@ -17,7 +17,7 @@ from scaling.checkpoint import checkpoints, step_of
 from scaling.config import load_config
 from scaling.data import TokenWindows, write_tokens
 from scaling.distributed import EXIT_PREEMPTED
-from scaling.loader import DataLoader, shuffle, window_indices
+from scaling.loader import DataLoader, epoch_offset, shuffle, window_indices
 
 SEQ = 8
 
@@ -112,6 +112,123 @@ def test_a_loader_resumed_in_place_drops_what_it_had_read_ahead(tmp_path):
     steps([ld], 4)
     ld.load_state_dict({"position": 8, "seed": 5, "seq_len": SEQ})
     assert steps([ld], 5) == whole[1:]
+
+
+# Each epoch reads its windows at its own offset into the files; validation's windows stay put.
+
+def epochs(windows, seed, n, shuffle=True):
+    """The first n epochs as read by a loader whose step is one whole epoch, each as rows of ids."""
+    per_epoch = windows.shifted(0).num_windows if shuffle else windows.num_windows
+    ld = DataLoader(windows, per_epoch, per_epoch, seed=seed, shuffle=shuffle, workers=0)
+    return [whole_rows(*ld.next_step()[0]) for _ in range(n)]
+
+
+def whole_rows(x, y):
+    """A micro batch's rows of seq_len + 1 ids, as read."""
+    return np.concatenate([x[:, :1].numpy(), y.numpy()], axis=1)
+
+
+def numbered_files(path, sizes):
+    """numbered_dataset with files of the given sizes: ids 0, 1, 2, ... across them."""
+    path.mkdir(parents=True)
+    ends = np.cumsum(sizes)
+    for k, (size, end) in enumerate(zip(sizes, ends)):
+        write_tokens(path / f"train_{k:06d}.bin", np.arange(end - size, end), vocab_size=50257)
+    (path / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "splits": {
+        "train": {"files": [f"train_{k:06d}.bin" for k in range(len(sizes))], "tokens": int(ends[-1])}}}))
+    return TokenWindows(path, "train", SEQ), ends
+
+
+def test_each_epoch_starts_its_windows_at_another_offset_into_the_files(tmp_path):
+    windows = numbered_dataset(tmp_path / "d")  # files of 1500 tokens: an id's place in its file is id % 1500
+    first, second = ({int(i) % 1500 % SEQ for i in rows[:, 0]} for rows in epochs(windows, seed=5, n=2))
+    assert len(first) == len(second) == 1 and first != second
+
+
+def test_the_offsets_of_seq_len_consecutive_epochs_are_all_different():
+    assert sorted(epoch_offset(5, e, 64) for e in range(64)) == list(range(64))
+    assert sorted(epoch_offset(5, e, 64) for e in range(64, 128)) == list(range(64))
+
+
+def test_the_offset_of_an_epoch_is_a_pure_function_of_seed_and_epoch():
+    """Every rank computes it, and a resumed run from any position: no state, no global RNG."""
+    import random
+    import torch
+    offsets = [epoch_offset(5, e, 64) for e in range(200)]
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert [epoch_offset(5, e, 64) for e in reversed(range(200))] == offsets[::-1]
+    assert [epoch_offset(6, e, 64) for e in range(200)] != offsets
+
+
+def test_an_epoch_reads_every_token_of_a_file_once_but_for_one_window_at_its_ends(tmp_path):
+    """Over seq_len epochs (every offset once): no token is read twice in an epoch, and what an
+    epoch leaves out of a file lies at its ends and is at most one window more than the fixed
+    windows leave out."""
+    windows = numbered_dataset(tmp_path / "d")
+    for rows in epochs(windows, seed=5, n=SEQ):
+        inputs = rows[:, :-1].ravel()
+        assert len(np.unique(inputs)) == len(inputs)
+        for start, end in ((0, 1500), (1500, 3000), (3000, 4000)):
+            read = np.sort(inputs[(start <= inputs) & (inputs < end)])
+            assert np.array_equal(read, np.arange(read[0], read[0] + len(read)))  # one stretch
+            fixed = (end - start - 1) // SEQ * SEQ  # the inputs of the fixed windows
+            assert (end - start) - len(read) <= (end - start - fixed) + SEQ
+
+
+def test_validation_windows_stay_where_they_are_while_training_shifts_its_epochs(tmp_path):
+    """Validation and eval read TokenWindows.window: the fixed windows, at multiples of seq_len,
+    all of them, and still there after a training loader read two shifted epochs from them."""
+    windows = numbered_dataset(tmp_path / "d")
+    fixed = [windows.window(w) for w in range(windows.num_windows)]
+    assert len(fixed) == 187 + 187 + 124 and all(int(w[0]) % 1500 % SEQ == 0 for w in fixed)
+    epochs(windows, seed=5, n=2)
+    assert windows.num_windows == len(fixed)
+    assert all(np.array_equal(windows.window(w), f) for w, f in enumerate(fixed))
+
+
+def test_the_unshuffled_order_reads_the_fixed_windows_in_every_epoch(tmp_path):
+    windows = numbered_dataset(tmp_path / "d")
+    fixed = np.stack([windows.window(w) for w in range(windows.num_windows)])
+    assert all(np.array_equal(rows, fixed) for rows in epochs(windows, seed=5, n=2, shuffle=False))
+
+
+def test_a_step_spanning_two_epochs_reads_each_side_at_its_own_offset(tmp_path):
+    windows = numbered_dataset(tmp_path / "d", tokens=4_010)  # 497 windows: epoch 0 ends inside step 63
+    first, second = epochs(windows, seed=5, n=2)
+    ld = DataLoader(windows, 2, 8, seed=5, workers=0)
+    read = [i for step in steps([ld], 2 * len(first) // 8) for i in step]
+    assert read == [int(i) for i in np.concatenate([first[:, 0], second[:, 0]])[:len(read)]]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_resume_at_a_step_spanning_two_epochs_continues_the_uninterrupted_order(before, after, tmp_path):
+    windows = numbered_dataset(tmp_path / "d", tokens=4_010)  # 497 windows: epoch 0 ends inside step 63
+    at = windows.shifted(0).num_windows // 8  # saved after 62 steps; the next one spans the epochs
+    whole = steps([DataLoader(windows, 2, 8, seed=5, workers=0)], at + 3)
+    first = [DataLoader(windows, 2, 8, dp_rank=r, dp_size=before, seed=5, workers=0) for r in range(before)]
+    assert steps(first, at) == whole[:at]
+    resumed = [DataLoader(windows, 2, 8, dp_rank=r, dp_size=after, seed=5, workers=0) for r in range(after)]
+    for ld in resumed:
+        ld.load_state_dict(first[0].state_dict())
+    assert steps(resumed, 3) == whole[at:]
+
+
+@pytest.mark.parametrize("sizes", [[9], [9, 12, 17, 5]], ids=["one-window", "short-files"])
+def test_files_of_fewer_than_two_windows_are_still_read_as_whole_windows(sizes, tmp_path):
+    """A file of one window has little or no room to move (9 tokens: none; 12: 3 tokens); one of
+    5 tokens holds none. Every window read stays whole and inside its file, epoch after epoch
+    (a step of 8 spans several epochs here), and every file that holds a window is read."""
+    windows, ends = numbered_files(tmp_path / "d", sizes)
+    ld = DataLoader(windows, 2, 8, seed=5, workers=0)
+    files = set()
+    for _ in range(12):
+        for x, y in ld.next_step():
+            for row in whole_rows(x, y):
+                assert np.array_equal(row, np.arange(row[0], row[0] + SEQ + 1))
+                f = int(np.searchsorted(ends, row[0], side="right"))
+                assert f == np.searchsorted(ends, row[-1], side="right")
+                files.add(f)
+    assert files == {f for f, size in enumerate(sizes) if size > SEQ}
 
 
 @pytest.mark.parametrize("workers", [0, 1])
