@@ -1,4 +1,4 @@
-"""Benchmarks: python -m scaling.bench [throughput|layouts|prepare|loader|checkpoint|comm] [options]
+"""Benchmarks: python -m scaling.bench [throughput|layouts|prepare|loader|checkpoint|comm|head] [options]
 
 throughput: the framework's training loop (scaling.train, everything on: schedule, clipping,
   metrics, data loader) against a plain PyTorch loop of the same model, data and optimizer, in
@@ -22,6 +22,8 @@ comm: interconnect, as nccl-tests reports it: all_reduce, all_gather and reduce_
   all_reduce, x (n-1)/n for the others: the bytes each link carries). NCCL on GPUs, gloo on CPUs.
   Run it under torchrun (launch/torchrun.sh with SCALING_MODULE=scaling.bench, or
   torchrun --nproc_per_node=N -m scaling.bench comm); run alone it starts 2 local processes.
+head: the memory of the LM head and the loss (the step's B x T x vocab logits), eager against
+  compiled (parallelize() compiles it), fp32 and bf16, in bytes per logit at GPT-2 124M's shape.
 """
 
 import argparse
@@ -56,8 +58,9 @@ SHAPES = {
 
 
 def reference_loop(cfg, steps: int, warmup: int, compile: bool = False) -> float:
-    """Plain PyTorch: random windows from a token tensor, forward, backward, clip, AdamW, bf16
-    by autocast (nanoGPT's way). Returns tokens/s over the timed steps."""
+    """Plain PyTorch: random windows from a token tensor, forward with the loss inside it,
+    backward, clip, AdamW, bf16 by autocast (nanoGPT's way: compiled, the LM head and the loss
+    are in the graph too). Returns tokens/s over the timed steps."""
     device = pick_device(cfg.train.device)
     t = cfg.train
     data_dir = dataset_dir(cfg)
@@ -77,7 +80,7 @@ def reference_loop(cfg, steps: int, warmup: int, compile: bool = False) -> float
         x = torch.stack([tokens[i: i + t.seq_len] for i in ix]).to(device)
         y = torch.stack([tokens[i + 1: i + 1 + t.seq_len] for i in ix]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16"):
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -221,6 +224,44 @@ def prepare_memory(repeats: list[int], shard_tokens: int) -> list[dict]:
                     "worker_peak_rss_mb": worker_kb / 1024, "seconds": time.perf_counter() - t0})
         print(f"corpus {tokens:13,} tokens in {files} files: peak RSS {rss_kb / 1024:7.1f} MB, largest worker "
               f"{worker_kb / 1024:7.1f} MB ({out[-1]['seconds']:.0f} s)", flush=True)
+    return out
+
+
+HEAD_PROBE = """
+import gc, resource, sys, torch
+from scaling.model import GPT, gpt_config
+mode, dtype, b, t, c, v = sys.argv[1], getattr(torch, sys.argv[2]), *map(int, sys.argv[3:])
+m = GPT(gpt_config("tiny", n_layer=1, n_head=1, n_embd=c, vocab_size=v)).to(dtype)
+x, y = torch.randn(b, t, c, dtype=dtype, requires_grad=True), torch.randint(0, v, (b, t))
+f = torch.compile(m.head_loss, fullgraph=True) if mode == "compiled" else m.head_loss
+for _ in range(2):  # the first pass compiles
+    f(x, y).backward()
+    x.grad = None
+    m.zero_grad(set_to_none=True)
+    gc.collect()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def head_memory(batches=(2, 6), seq_len: int = 1024, n_embd: int = 768, vocab: int = 50304) -> list[dict]:
+    """Bytes per logit that model.head_loss (final norm, LM head, cross-entropy) holds at its
+    peak, eager and compiled, fp32 and bf16, at GPT-2 124M's width and padded vocabulary: the
+    slope of peak RSS between two micro batches, each in a fresh process (which cancels the
+    process's own memory). What plan.py's logits term uses."""
+    import subprocess
+    import sys
+    out = []
+    for mode in ("eager", "compiled"):
+        for dtype in ("float32", "bfloat16"):
+            peaks = [int(subprocess.run([sys.executable, "-c", HEAD_PROBE, mode, dtype, str(b), str(seq_len),
+                                         str(n_embd), str(vocab)], capture_output=True, text=True, check=True,
+                                        cwd=ROOT, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")).stdout)
+                     for b in batches]
+            per_logit = (peaks[1] - peaks[0]) * 1024 / ((batches[1] - batches[0]) * seq_len * vocab)
+            out.append({"mode": mode, "dtype": dtype, "batches": list(batches), "peak_rss_kb": peaks,
+                        "bytes_per_logit": per_logit})
+            print(f"{mode:8} {dtype:8} peak RSS {peaks[0] / 2**20:5.2f} / {peaks[1] / 2**20:5.2f} GB at micro batch "
+                  f"{batches[0]} / {batches[1]} x {seq_len}: {per_logit:4.1f} bytes per logit", flush=True)
     return out
 
 
@@ -387,7 +428,7 @@ def environment() -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scaling.bench", description=__doc__.splitlines()[0])
     ap.add_argument("what", nargs="?", default="throughput", choices=["throughput", "layouts", "prepare", "loader", "checkpoint",
-                                                                 "comm"])
+                                                                 "comm", "head"])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "cpu_demo.yaml"))
     ap.add_argument("--shapes", default="baby,demo", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -426,6 +467,8 @@ def main(argv=None):
         results = loader_bench(a.tokens, a.read_ms, a.compute_ms, a.steps)
     elif a.what == "checkpoint":
         results = checkpoint_cost(a.rounds)
+    elif a.what == "head":
+        results = head_memory()
     else:
         results = []
         print(f"{'shape':34} {'dtype':5} {'reference tok/s':>16} {'framework tok/s':>16} {'ratio':>6}"

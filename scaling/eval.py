@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from scaling.errors import die
@@ -35,21 +36,30 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 
 
 @torch.no_grad()
-def mean_loss(model, windows, n: int, batch: int, device, loss_ctx=contextlib.nullcontext) -> float:
+def mean_loss(model, windows, n: int, batch: int, device, loss_ctx=contextlib.nullcontext, dp_group=None) -> float:
     """Mean next-token loss over the first n windows of a split, batch windows at a time: the
-    same sequences every time, whatever the batch or the layout (under a parallel layout each rank
-    computes all of them), so values compare across steps and runs. Training's validation loss
-    (loss_ctx: TP's loss parallelism) and `scaling.eval loss` are this one function."""
-    from scaling.model import loss_fn
+    same sequences every time, whatever the batch or the layout, so values compare across steps
+    and runs. Training's validation loss (loss_ctx: TP's loss parallelism) and `scaling.eval
+    loss` are this one function.
+
+    dp_group: the data-parallel ranks split the windows between them (rank r takes r, r + dp,
+    ...) and sum their totals; ranks of one tensor-parallel group take the same ones. Every rank
+    runs the same number of forwards, FSDP's gathers being collective: a rank out of windows
+    runs one more on window 0 and counts it with weight 0."""
     from scaling.parallel import local_value
+    dp, rank = (dist.get_world_size(dp_group), dist.get_rank(dp_group)) if dp_group is not None else (1, 0)
+    mine = list(range(rank, n, dp))
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
-    for first in range(0, n, batch):
-        rows = np.stack([windows.window(w) for w in range(first, min(first + batch, n))])
+    for first in range(0, -(-n // dp), batch):
+        ws = mine[first:first + batch]
+        rows = np.stack([windows.window(w) for w in ws or [0]])
         xy = torch.from_numpy(rows.astype(np.int64)).to(device)
         with loss_ctx():
-            total += local_value(loss_fn(model(xy[:, :-1]), xy[:, 1:])).float() * len(rows)
+            total += local_value(model(xy[:, :-1], xy[:, 1:])).float() * len(ws)
+    if dp > 1:
+        dist.all_reduce(total, group=dp_group)
     model.train(was_training)
     return (total / n).item()
 

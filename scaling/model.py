@@ -110,9 +110,10 @@ class GPT(nn.Module):
     # to forward() must split evenly over the TP ranks.
     seq_multiple = 1
 
-    def forward(self, idx, pos=None):
-        """idx: (B, T) token ids -> logits (B, T, vocab_size). pos: the positions of the T
-        tokens, arange(T) unless given (generate() gives them for its padding)."""
+    def forward(self, idx, targets=None, pos=None, at: int | None = None):
+        """idx: (B, T) token ids -> logits (B, T, vocab_size), or with targets (B, T) the mean
+        next-token loss. pos: the positions of the T tokens, arange(T) unless given (generate()
+        gives them for its padding). at: the logits of that position only, (B, 1, vocab_size)."""
         T = idx.shape[1]
         if pos is None:
             if T > self.cfg.block_size:
@@ -121,7 +122,17 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        if targets is not None:
+            return self.head_loss(x, targets)
+        x = self.ln_f(x)
+        return self.lm_head(x if at is None else x[:, at:at + 1])
+
+    def head_loss(self, x, targets):
+        """Final norm, LM head and cross-entropy: the step's largest tensors (B x T x vocab
+        logits) live here. parallelize() compiles it as one graph, as it does each block, so the
+        fp32 upcast, log-softmax and its gradient fuse into a few passes over the bf16 logits
+        instead of materialising fp32 copies of them (nanoGPT compiles its loss the same way)."""
+        return loss_fn(self.lm_head(self.ln_f(x)), targets)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0):
@@ -177,7 +188,7 @@ class GPT(nn.Module):
             # the same under every layout; padding past block_size reuses the last position.
             pad = -T % self.seq_multiple
             pos = torch.arange(T + pad, device=idx.device).clamp_(max=self.cfg.block_size - 1)
-            logits = self(F.pad(ctx, (0, pad)), pos)[:, T - 1, :]
+            logits = self(F.pad(ctx, (0, pad)), pos=pos, at=T - 1)[:, 0, :]
             if hasattr(logits, "full_tensor"):  # vocabulary-sharded under tensor parallelism
                 logits = logits.full_tensor()
             logits = logits.float()
@@ -222,5 +233,6 @@ def gpt_config(size: str | None = None, **overrides) -> GPTConfig:
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every position of every sequence."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    """Mean next-token cross-entropy over every position of every sequence, in fp32 whatever
+    the logits' dtype (bf16 under mixed precision)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -117,8 +117,14 @@ def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
     # activations and of its GELU input, 2 x 4h per token.
     layers += 16 * sbh * act_bytes / t
     vocab_split = t if p.loss_parallel else 1
-    # The logits (bf16, then FSDP's fp32 copy for the loss, or fp32 only) and log-softmax with its gradient (fp32).
-    logits = b * sh.s * sh.V * ((2 + 4 if cfg.train.dtype == "bf16" else 4) + 8) / vocab_split
+    # The logits and the loss (model.head_loss). Eager: the logits, their fp32 copy, log-softmax
+    # and its gradient, ~12 bytes per logit in fp32 and bf16 alike. Compiled (parallelize), the
+    # upcast and the softmax fuse into passes over the logits and their gradient reuses their
+    # buffer: one logit's bytes. `python -m scaling.bench head` measures them on a CPU at 124M's
+    # shape (docs/benchmarks.md): eager 12.1 / 12.1, compiled 4.1 / 2.1 (fp32 / bf16).
+    compiled = cfg.parallel.compile if cfg.parallel.compile is not None else device == "cuda"
+    per_logit = (2 if cfg.train.dtype == "bf16" else 4) if compiled else 12
+    logits = b * sh.s * sh.V * per_logit / vocab_split
     out["activations"] = layers + logits
     out["runtime"] = CUDA_RUNTIME_GB * GB if device == "cuda" else process_rss()
     return out

@@ -42,7 +42,7 @@ from scaling.eval import mean_loss
 from scaling.guards import NonFinite, NonFiniteSteps, SpikeGuard
 from scaling.loader import DataLoader, worker_death
 from scaling.metrics import Metrics, Profiler, StepTimer, check_wandb, duration, memory, peak_flops, read_metrics
-from scaling.model import GPT, loss_fn
+from scaling.model import GPT
 from scaling.optim import build_optimizer, clip_gradients, lr_at
 from scaling.parallel import ParallelDims, build_mesh, dp_rank, local_value, parallelize, seed_dropout
 from scaling.prepare import dataset_dir
@@ -145,6 +145,7 @@ class Run:
     save_block_s: float | None = None  # how long the last save held up training
     steady: tuple | None = None  # (time, step) at the end of the first log window: the ETA's origin
     last: dict = field(default_factory=dict)  # the last logged record
+    dp_group: object = None  # the data-parallel ranks (validation splits its windows over them)
 
 
 def build(cfg: Config) -> Run:
@@ -185,7 +186,8 @@ def build(cfg: Config) -> Run:
                Metrics(Path(cfg.logging.run_dir), enabled=env.is_main, config=to_dict(cfg),
                        wandb_cfg=cfg.logging if cfg.logging.wandb else None),
                StepTimer(device, ("data", "compute", "optim")), flops_per_token, data_dir, step, tokens,
-               (step, tokens), loss_sum=torch.zeros((), device=device))
+               (step, tokens), loss_sum=torch.zeros((), device=device),
+               dp_group=dp_mesh.get_group() if dims.dp > 1 else None)
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:
@@ -207,7 +209,7 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:
             # Every micro batch holds the same number of tokens, so the mean of the
             # per-micro-batch means (over micro batches here, over ranks in the gradient
             # reduction) is the mean over the global batch's tokens.
-            loss = loss_fn(model(x), y) / len(micro_batches)
+            loss = model(x, y) / len(micro_batches)
             if step + 1 == INJECT_NONFINITE_STEP:
                 loss = loss * float("nan")
             loss.backward()
@@ -265,7 +267,7 @@ def validate(run: Run):
     t_eval = time.perf_counter()
     t = run.cfg.train
     val_loss = mean_loss(run.model, run.val_windows, min(t.eval_sequences, run.val_windows.num_windows),
-                         t.micro_batch_size, run.env.device, run.loss_ctx)
+                         t.micro_batch_size, run.env.device, run.loss_ctx, run.dp_group)
     run.metrics.log({"step": run.step, "max_steps": t.max_steps, "val_loss": val_loss, "tokens": run.tokens,
                      "elapsed_s": run.metrics.elapsed()})
     run.last["val_loss"] = val_loss

@@ -3,13 +3,16 @@ which checkpoint of a run folder eval (and sample, convert) reads."""
 
 import json
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, read_metrics, run_module, tiny_args
+from conftest import ROOT, SHAKESPEARE, read_metrics, run_module, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +250,52 @@ def test_eval_of_an_export_names_the_file_and_the_step_it_records(to, says, save
     p = run_module("scaling.eval", out, "loss", "--data", data_root / "shakes", "--sequences", 1,
                    "--device", "cpu", check=True)
     assert p.stderr == f"loaded {out} ({says.format(ckpt=saved_twice / 'checkpoints' / 'step_4')})\n", p.stderr
+
+
+SPLIT_PROBE = r'''
+import json, sys, torch, torch.distributed as dist
+from scaling.data import TokenWindows
+from scaling.eval import mean_loss
+from scaling.model import GPT, gpt_config
+
+data, out = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+windows = TokenWindows(data, "val", 32)
+firsts = {tuple(windows.window(w)[:32].tolist()): w for w in range(5)}  # a window by its tokens
+
+
+class Recording(GPT):
+    """Notes which windows each forward gets."""
+    seen = []
+
+    def forward(self, idx, targets=None, **kw):
+        self.seen.append([firsts.get(tuple(r.tolist())) for r in idx])
+        return super().forward(idx, targets, **kw)
+
+
+torch.manual_seed(0)
+model = Recording(gpt_config("tiny", block_size=32, vocab_size=windows.vocab_size))
+model.init_weights(0)
+split = mean_loss(model, windows, 5, 2, torch.device("cpu"), dp_group=dist.group.WORLD)
+seen, model.seen = model.seen, []
+alone = mean_loss(model, windows, 5, 2, torch.device("cpu"))
+every = [None] * dist.get_world_size()
+dist.all_gather_object(every, seen)
+if dist.get_rank() == 0:
+    json.dump({"split": split, "alone": alone, "seen": every}, open(out, "w"))
+dist.destroy_process_group()
+'''
+
+
+def test_validation_splits_its_windows_over_data_parallel_ranks_with_the_loss_of_one_process(data_root, tmp_path):
+    """5 windows in batches of 2 over 2 ranks: rank 0 takes 0, 2, 4 and rank 1 takes 1, 3, then
+    one more forward (window 0, weighed 0) to match rank 0's count, which FSDP's gathers need."""
+    (tmp_path / "probe.py").write_text(SPLIT_PROBE)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "probe.py"), str(data_root / "shakes"), str(tmp_path / "out.json")],
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "out.json").read_text())
+    assert r["seen"] == [[[0, 2], [4]], [[1, 3], [0]]]
+    assert r["split"] == pytest.approx(r["alone"], rel=1e-6)

@@ -196,3 +196,46 @@ def test_a_loaded_model_has_its_lm_head_tied_to_the_embedding(form, trained_run,
     tied = model.lm_head.weight is model.wte.weight
     assert tied, "lm_head.weight is a tensor of its own, not wte.weight"
     assert model.num_params() == printed
+
+
+def test_the_compiled_head_and_loss_give_the_eager_loss_and_gradients():
+    """parallelize() compiles model.head_loss (final norm, LM head, fp32 cross-entropy) as one
+    graph: the same loss and gradients as eager, within fp32 rounding."""
+    from scaling.parallel import apply_compile
+    torch.manual_seed(0)
+    eager = GPT(gpt_config("tiny", block_size=32, vocab_size=300))
+    eager.init_weights(0)
+    compiled = GPT(gpt_config("tiny", block_size=32, vocab_size=300))
+    compiled.load_state_dict(eager.state_dict())
+    apply_compile(compiled)
+    x, y = torch.randint(0, 300, (3, 32)), torch.randint(0, 300, (3, 32))
+    losses = []
+    for m in (eager, compiled):
+        loss = m(x, y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_logits_of_one_position_are_that_position_of_all_logits():
+    """generate() asks the LM head for the last position only (at=): the same logits."""
+    m = GPT(gpt_config("tiny", block_size=32, vocab_size=300)).eval()
+    m.init_weights(0)
+    x = torch.randint(0, 300, (2, 20))
+    torch.testing.assert_close(m(x, at=13)[:, 0], m(x)[:, 13], rtol=0, atol=1e-6)
+
+
+def test_the_loss_with_targets_is_huggingface_gpt2s_loss_with_the_same_weights():
+    """model(x, targets) computes the loss inside forward (head_loss): the mean next-token
+    cross-entropy, as GPT2LMHeadModel computes it from labels."""
+    shape = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=300, dropout=0.0)
+    hf = hf_model(**shape)
+    ours = GPT(gpt_config(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=300)).eval()
+    ours.load_state_dict(hf_to_ours(hf.state_dict(), 2))
+    idx = torch.randint(0, 300, (3, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(idx, labels=idx).loss.item()
+        got = ours(idx[:, :-1], idx[:, 1:]).item()
+    assert got == pytest.approx(want, rel=1e-5)

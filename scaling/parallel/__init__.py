@@ -1,7 +1,8 @@
 """parallelize(): the one place that shows the order in which a GPT is split over a mesh.
 
 TP first (it turns parameters into DTensors on the tp mesh), then activation checkpointing and
-torch.compile per block (both wrap block.forward in place, so parameter names never change),
+torch.compile per block and of the head with its loss (both wrap forwards in place, so parameter
+names never change),
 then FSDP2 over the data-parallel part of the mesh, outermost. FSDP2 wraps every layout: DDP is
 its replicate-only case (shard degree 1), a single process or pure TP a one-rank mesh, so its
 mixed-precision policy is the one bf16 mechanism everywhere, on CPUs and GPUs alike.
@@ -17,8 +18,8 @@ from scaling.parallel.dims import ParallelDims, build_mesh, check_model, dp_rank
 from scaling.parallel.fsdp import apply_fsdp
 from scaling.parallel.tp import apply_tp
 
-__all__ = ["ParallelDims", "build_mesh", "check_model", "dp_rank", "local_value", "parallelize", "resolve_dims",
-           "seed_dropout"]
+__all__ = ["ParallelDims", "apply_compile", "build_mesh", "check_model", "dp_rank", "local_value", "parallelize",
+           "resolve_dims", "seed_dropout"]
 
 
 def parallelize(model, dims: ParallelDims, mesh, pcfg, device: torch.device, dtype: str):
@@ -27,13 +28,21 @@ def parallelize(model, dims: ParallelDims, mesh, pcfg, device: torch.device, dty
     if pcfg.activation_checkpoint != "none":
         apply_ac(model, pcfg.activation_checkpoint, pcfg.ac_every)
     if pcfg.compile:
-        for block in model.blocks:
-            block.compile()  # in place: keeps the names that checkpoints and init rely on
+        apply_compile(model)
     # (dp_replicate, dp_shard) as HSDP's 2-D mesh when replicating, else the shard dimension.
     dp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else mesh["dp_shard"]
     apply_fsdp(model, dp_mesh, torch.bfloat16 if dtype == "bf16" else None, pcfg.reshard_after_forward,
                force_sum_reduction=device.type == "cpu")
     return model
+
+
+def apply_compile(model):
+    """Each block, and the head with the loss (model.head_loss: final norm, LM head, fp32
+    cross-entropy), as whole graphs: fullgraph makes a graph break an error, not a silent
+    slow-down. In place, which keeps the names that checkpoints and init rely on."""
+    for block in model.blocks:
+        block.compile(fullgraph=True)
+    model.head_loss = torch.compile(model.head_loss, fullgraph=True)
 
 
 def local_value(x: torch.Tensor) -> torch.Tensor:
