@@ -379,7 +379,7 @@ print("exiting", flush=True)
 """
 
 
-@pytest.mark.parametrize("collect", [False, True], ids=["open", "collected"])
+@pytest.mark.parametrize("collect", [pytest.param(False, marks=pytest.mark.slow), True], ids=["open", "collected"])
 def test_a_process_exits_even_when_its_loader_worker_hangs(collect, tmp_path):
     """A worker ignores SIGTERM, which is how multiprocessing stops workers at exit: a hung one
     would hold the process forever. The loader's exit hook kills it after torch's 5 s grace."""

@@ -176,7 +176,10 @@ def matches(got: list[str], shown: list[str]) -> bool:
     return bool(got) and got[0] == shown[0] and matches(got[1:], shown[1:])
 
 
-@pytest.mark.parametrize("cmd, shown", console_examples(), ids=lambda x: x.split()[2] if isinstance(x, str) else "")
+# Training runs' examples (16 s each) in the slow tier, to keep `make test` within its budget.
+@pytest.mark.parametrize("cmd, shown", [pytest.param(c, s, marks=[pytest.mark.slow] if "scaling.train" in c else [])
+                                        for c, s in console_examples()],
+                         ids=lambda x: x.split()[2] if isinstance(x, str) else "")
 def test_console_example_prints_what_the_readme_shows(cmd, shown, workdir):
     p = run(cmd, workdir)
     got = (p.stdout + p.stderr).strip("\n").splitlines()
