@@ -19,7 +19,10 @@ case "${SCALING_FABRIC:-default}" in
   efa)                                           # AWS Elastic Fabric Adapter through libfabric
     export FI_PROVIDER=${FI_PROVIDER:-efa}
     export FI_EFA_USE_DEVICE_RDMA=${FI_EFA_USE_DEVICE_RDMA:-1}  # GPUDirect RDMA on p4d/p5
-    export NCCL_PROTO=${NCCL_PROTO:-simple} ;;   # AWS's recommendation for EFA
+    # No sync of CUDA memory operations on every libfabric transfer (its default costs bandwidth
+    # with the aws-ofi-nccl plugin). No NCCL_PROTO: forcing Simple would also hold back the
+    # NVLink traffic inside a node; the plugin tells NCCL what EFA needs for the network.
+    export FI_EFA_SET_CUDA_SYNC_MEMOPS=${FI_EFA_SET_CUDA_SYNC_MEMOPS:-0} ;;
   *) echo "nccl_env.sh: unknown SCALING_FABRIC=$SCALING_FABRIC (default, ethernet, efa)" >&2; return 1 ;;
 esac
 

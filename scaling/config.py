@@ -64,6 +64,9 @@ class TrainConfig:
                               "deviations above the recent ones (e.g. 6); 0 disables")
     spike_window: int = opt(100, "loss-spike guard: how many recent accepted steps' gradient norms it compares with")
     eval_every: int = opt(250, "steps between validation passes; 0 disables")
+    gc_every: int = opt(50, "steps between Python garbage collections, at the same step on every rank (its "
+                        "automatic collections would pause ranks at different moments and make the others wait); "
+                        "0 leaves them to Python")
     eval_sequences: int = opt(240, "validation sequences per evaluation (the first ones of the split, every time)")
     dtype: str = opt("fp32", "compute dtype: fp32, or bf16 mixed precision (bf16 compute on fp32 master weights, "
                      "FSDP2's policy in every layout, CPU and CUDA)", ["fp32", "bf16"])
@@ -314,8 +317,8 @@ def resolve(cfg: Config, world: int | None = None, per_node: int | None = None):
     if not 0 <= cfg.logging.sample_temperature < math.inf:
         raise ConfigError(f"logging.sample_temperature: must be finite and >= 0 (0 is greedy), "
                           f"got {cfg.logging.sample_temperature}")
-    for key in ("data.workers", "optim.warmup_steps", "train.eval_every", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
-                "logging.sample_tokens"):
+    for key in ("data.workers", "optim.warmup_steps", "train.eval_every", "train.gc_every", "checkpoint.every",
+                "checkpoint.keep", "checkpoint.keep_every", "logging.sample_tokens"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
     if cfg.logging.run_dir is None:

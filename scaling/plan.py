@@ -20,12 +20,14 @@ V vocabulary, t tensor-parallel degree, d the FSDP shard degree:
   computed and the one prefetched, holds its unsharded gradients and a reduce-scatter input;
   the root (embeddings, LM head) stays gathered from forward to backward;
 - gradient accumulation with several data-parallel ranks: gradients are reduced once per step,
-  so between micro batches every parameter's unsharded fp32 gradient is held, 4P/t;
+  so between micro batches every parameter's unsharded fp32 gradient is held, 4P/t; HSDP
+  reduce-scatters inside its shard group every micro batch and holds its shard, 4P/(d t);
 - activations (Korthikanti et al. 2022, attention through SDPA so no s^2 term): per layer
   34*s*b*h bytes in 16-bit (x2 in fp32), / t with sequence parallelism, (10 + 24/t)*s*b*h
   without; a fully checkpointed layer keeps only its input (2*s*b*h) and one layer is live while
-  recomputed; backward adds one MLP's hidden gradients (16*s*b*h); plus the logits, b*s*V*(2 + 4 + 8)
-  bytes (bf16 logits, their fp32 copy, fp32 log-softmax and its gradient), / t with loss parallelism;
+  recomputed; backward adds one MLP's hidden gradients (16*s*b*h); plus the logits and the loss,
+  b*s*V*12 bytes eager (the logits, their fp32 copy, log-softmax and its gradient), b*s*V*2 (bf16)
+  or *4 (fp32) compiled (scaling.bench head measures both), / t with loss parallelism;
 - runtime: the CUDA context and allocator slack (1.5 GB), or on CPU the footprint of a fresh
   Python process with the training code loaded (measured when planning).
 
@@ -34,7 +36,7 @@ reduce-scatter of B bytes over n ranks sends (n-1)/n x B from each, an all-reduc
 d = dp_shard, r = dp_replicate, k = micro batches per step, g = 2 bytes (bf16 gathers) or 4:
 - FSDP all-gathers every micro batch: each block in forward and again in backward (once with
   reshard_after_forward off), the root once: k (n-1)/n g (2 L block + root) / t, over d ranks;
-- one reduce-scatter of the fp32 gradients per step: (d-1)/d 4P/t;
+- one reduce-scatter of the fp32 gradients per step (HSDP: per micro batch, k): (d-1)/d 4P/t;
 - HSDP: one all-reduce of the gradient shard across the r replicas: 2 (r-1)/r 4P/(d t).
 The mesh is (dp_replicate, dp_shard, tp), tp innermost: a group stays on a node's NVLink when
 it spans no more ranks than a node has GPUs (d t for the shard group, r d t for the replicas),
@@ -102,10 +104,11 @@ def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
     gathered = 2 if cfg.train.dtype == "bf16" else 4
     out["comm_buffers"] = (2 * gathered + gathered + 4) * sh.block / t + (gathered + 4) * sh.root / t
     # Gradient accumulation over several data-parallel ranks reduces once per step: between
-    # micro batches FSDP2 holds every parameter's unsharded gradient in fp32.
+    # micro batches FSDP2 holds every parameter's unsharded gradient in fp32. HSDP reduce-scatters
+    # inside its shard group every micro batch and holds sharded fp32 gradients instead.
     dp = p.dp_replicate * p.dp_shard
     if dp > 1 and cfg.train.global_batch_size > cfg.train.micro_batch_size * dp:
-        out["accumulated_grads"] = 4 * sh.P / t
+        out["accumulated_grads"] = 4 * sh.P / t / (p.dp_shard if p.dp_replicate > 1 else 1)
     act_bytes = 1 if cfg.train.dtype == "bf16" else 2  # Korthikanti's figures are for 16-bit
     sbh = sh.s * b * sh.h
     full = (34 / t if p.sequence_parallel or t == 1 else 10 + 24 / t) * sbh * act_bytes
@@ -138,7 +141,8 @@ def traffic(cfg: Config, sh: Shape, gpus_per_node: int) -> dict:
     k = max(1, cfg.train.global_batch_size // (cfg.train.micro_batch_size * d * r))
     g = 2 if cfg.train.dtype == "bf16" else 4
     gathered = ((2 if p.reshard_after_forward else 1) * sh.L * sh.block + sh.root) / t
-    shard = (d - 1) / d * (k * g * gathered + 4 * sh.P / t)
+    scatters = k if r > 1 and d > 1 else 1  # HSDP reduce-scatters every micro batch
+    shard = (d - 1) / d * (k * g * gathered + scatters * 4 * sh.P / t)
     replicate = 2 * (r - 1) / r * 4 * sh.P / (d * t)
     out = {"inter_node": 0.0, "intra_node": 0.0}
     out["intra_node" if d * t <= gpus_per_node else "inter_node"] += shard

@@ -24,6 +24,7 @@ if __name__ == "__main__":  # Ctrl-C in the seconds of imports and set-up before
     signal.signal(signal.SIGINT, _interrupted)
 
 import contextlib
+import gc
 import math
 import sys
 import time
@@ -201,10 +202,15 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:
     micro_batches = run.loader.next_step()
     run.timer.mark("data")
     for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
         # With several data-parallel ranks, reduce gradients once per step, after the last micro
         # batch; alone, reduce every micro batch (a copy) rather than hold an unsharded fp32 copy.
-        if run.dims.dp > 1:
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        # HSDP reduce-scatters inside its shard group (a node) every micro batch, keeping sharded
+        # fp32 gradients instead of unsharded ones, and all-reduces across replicas once.
+        if run.dims.fsdp and run.dims.dp_replicate > 1:
+            model.set_requires_all_reduce(last)
+        elif run.dims.dp > 1:
+            model.set_requires_gradient_sync(last)
         with run.loss_ctx():
             # Every micro batch holds the same number of tokens, so the mean of the
             # per-micro-batch means (over micro batches here, over ranks in the gradient
@@ -337,9 +343,30 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+@contextlib.contextmanager
+def collect_every(steps: int):
+    """Python's automatic garbage collection off (the loop collects every `steps` steps, on every
+    rank at once: automatic collections pause ranks at different moments, and the others wait for
+    them in the next collective); back on afterwards for in-process callers."""
+    collecting = gc.isenabled()
+    if steps:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def train(cfg: Config) -> dict:
     """Run the recipe; returns the last logged metrics record (on every rank)."""
-    t, run = cfg.train, build(cfg)
+    with collect_every(cfg.train.gc_every):
+        return loop(cfg, build(cfg))
+
+
+def loop(cfg: Config, run: Run) -> dict:
+    """Steps from run.step to train.max_steps with logging, validation, saves and stop signals."""
+    t = cfg.train
     try:
         profiler = Profiler(cfg.logging.profile_steps, Path(cfg.logging.run_dir), run.env.rank)
         if run.val_windows and run.step == 0:  # the starting point, for comparison
@@ -350,6 +377,8 @@ def train(cfg: Config) -> dict:
             grad_norm, lr = train_step(run, step)
             run.step, run.tokens = step + 1, run.tokens + t.global_batch_size * t.seq_len
             run.window_steps += 1
+            if t.gc_every and run.step % t.gc_every == 0:
+                gc.collect(1)  # the young generations: milliseconds; a full collection can take a second
             last_step = run.step == t.max_steps
             if run.step % cfg.logging.every == 0 or last_step:
                 log_window(run, lr, grad_norm)

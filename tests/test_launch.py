@@ -266,6 +266,13 @@ def test_one_interface_setting_steers_nccl_and_gloo():
     assert got["NCCL_SOCKET_IFNAME"] == got["GLOO_SOCKET_IFNAME"] == "eth7" and got["NCCL_IB_DISABLE"] == "1"
 
 
+def test_the_efa_setting_leaves_nccls_protocol_alone_inside_the_node():
+    got = nccl_env(SCALING_FABRIC="efa")
+    assert got["FI_PROVIDER"] == "efa" and got["FI_EFA_SET_CUDA_SYNC_MEMOPS"] == "0"
+    assert "NCCL_PROTO" not in got  # Simple everywhere would slow NVLink too
+    assert nccl_env(SCALING_FABRIC="efa", FI_EFA_SET_CUDA_SYNC_MEMOPS="1")["FI_EFA_SET_CUDA_SYNC_MEMOPS"] == "1"
+
+
 def find_python(cwd, **env):
     """launch/find_python.sh as the launchers use it, with a PATH that holds no project Python."""
     return subprocess.run(["bash", "-c", f"source {ROOT}/launch/find_python.sh && find_python && echo $PYTHON"],

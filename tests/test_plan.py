@@ -166,16 +166,18 @@ atexit.register(lambda: open(os.path.join(os.environ["COUNT_DIR"], os.environ["R
 """
 
 
-@pytest.mark.parametrize("layout, nproc", [({"dp_shard": 2}, 2),
-                                           pytest.param({"dp_replicate": 2, "dp_shard": 2}, 4, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("layout, nproc", [({"dp_shard": 2, "micro_batch_size": 4}, 2),
+                                           pytest.param({"dp_replicate": 2, "dp_shard": 2, "micro_batch_size": 2}, 4,
+                                                        marks=pytest.mark.slow)],
                          ids=["fsdp2", "hsdp2x2"])  # 4 processes on 2 cores: 20 s, in the slow tier
 def test_planned_traffic_per_step_is_what_fsdp_sends(layout, nproc, data_root, tmp_path):
+    """Two micro batches per step: FSDP reduce-scatters once per step, HSDP once per micro batch."""
     from conftest import TINY, run_torchrun
     from scaling.plan import shape_of, traffic
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(COUNT_COLLECTIVES)
-    overrides = [f"--parallel.{k}={v}" for k, v in layout.items()] + [
-        "--train.global_batch_size=16", "--train.micro_batch_size=4",  # two micro batches per step (HSDP: one)
+    overrides = [f"--{'train' if k == 'micro_batch_size' else 'parallel'}.{k}={v}" for k, v in layout.items()] + [
+        "--train.global_batch_size=16",
         "--train.eval_every=0", "--logging.every=100", "--checkpoint.every=100", "--logging.sample_tokens=0"]
     sent = {}
     for steps in (2, 3):  # one step's traffic is the difference: set-up and the final save cancel out

@@ -1,5 +1,6 @@
 """Single-process training: metrics, determinism, accumulation, schedule, dtype, sampling."""
 
+import gc
 import json
 import math
 import time
@@ -238,3 +239,26 @@ def test_a_training_step_reads_nothing_back_to_the_host_outside_log_eval_and_che
     short, long = (count_host_reads(monkeypatch, data_root, tmp_path / str(n), n) for n in (4, 12))
     short, long = Counter(short), Counter(long)
     assert short == long, f"the 8 more plain steps read {dict(long - short)} back to the host"
+
+
+def test_python_collects_garbage_only_every_gc_every_steps_while_training(data_root, tmp_path):
+    """train.gc_every=3 over 9 steps: Python's automatic collections are off (they would pause
+    ranks at different moments), the young generations are collected at steps 3, 6 and 9, and
+    the collector is on again afterwards."""
+    seen = []
+
+    def note(phase, info):
+        if phase == "start":
+            seen.append(info["generation"])
+    cfg = load_config(TINY, [f"--data.root={data_root}", f"--logging.run_dir={tmp_path}", "--train.max_steps=9",
+                             "--train.gc_every=3", "--train.eval_every=0", "--logging.sample_tokens=0",
+                             "--data.workers=0", "--checkpoint.every=0"])
+    gc.callbacks.append(note)
+    try:
+        train(cfg)
+    finally:
+        gc.callbacks.remove(note)
+    # Nothing before the three (the build allocates enough for many), and no more than three; once
+    # train() returns the collector is on again and may run at once.
+    assert seen[:3] == [1, 1, 1] and seen.count(1) == 3, seen
+    assert gc.isenabled()
