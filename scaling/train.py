@@ -163,7 +163,7 @@ def build(cfg: Config) -> Run:
     resume, run_id = distributed.on_rank0(lambda: open_run(cfg, tokenizer_spec, report=log))
     # Rank 0 reads the whole checkpoint to verify it while every rank builds the model.
     verification = checkpoint.Verification(resume if env.is_main else None, cfg.checkpoint.verify)
-    mesh, dp_mesh = build_mesh(dims, device.type)
+    mesh, dp_mesh = build_mesh(dims, device.type, p.timeout_s)
     seed_dropout(t.seed, dims, mesh, dp_mesh, p.sequence_parallel)  # weights and data order have their own streams
     loader = DataLoader(TokenWindows(data_dir, "train", t.seq_len), t.micro_batch_size, t.global_batch_size,
                         dp_rank=dp_rank(dp_mesh), dp_size=dims.dp, seed=t.seed, device=device,

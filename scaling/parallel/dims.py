@@ -4,9 +4,11 @@ The world is split as (dp_replicate, dp_shard, tp), outermost first: tensor-para
 neighbouring ranks (on one node, where the bandwidth is), data-parallel groups stride across them.
 """
 
+import datetime
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from scaling.errors import ConfigError
 
@@ -76,16 +78,27 @@ def check_model(dims: ParallelDims, n_head: int, n_embd: int):
         raise ConfigError(f"parallel.tp: {dims.tp} does not divide the MLP width {4 * n_embd}")
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+def build_mesh(dims: ParallelDims, device_type: str, timeout_s: float | None = None) -> tuple[DeviceMesh, DeviceMesh]:
     """The 3-D mesh (dp_replicate, dp_shard, tp) and its data-parallel part flattened to one
-    dimension (what the loader splits over). One process gets a mesh of one."""
+    dimension (what the loader splits over). One process gets a mesh of one. Every group of the
+    mesh, flattened ones included, times out after timeout_s (None: the backend's default, for
+    the planner's fake groups, which have none)."""
     mesh = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=NAMES)
+    groups = mesh.get_all_groups()
     if dims.dp_shard > 1 and dims.tp > 1:
         # The gradient norm of FSDP x TP parameters is partial over both dimensions; with this
         # flattened group DTensor reduces it in one all_reduce instead of two in sequence (which
         # torch warns "may give inconsistent results between ranks").
-        mesh[("dp_shard", "tp")]._flatten("dp_shard_tp")
-    return mesh, mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        groups.append(mesh[("dp_shard", "tp")]._flatten("dp_shard_tp").get_group())
+    dp_mesh = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+    if timeout_s is not None:
+        # The mesh's new groups get the backend's default timeout (NCCL 10 min, gloo 30 min), not
+        # the default group's. Passing ours at creation (init_device_mesh's backend_override)
+        # misses the gloo half of a group split from a "cuda:nccl,cpu:gloo" world on torch 2.11
+        # (it falls back to default options), so set it afterwards on every backend of every group.
+        for group in groups + [dp_mesh.get_group()]:
+            _set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
+    return mesh, dp_mesh
 
 
 def dp_rank(dp_mesh: DeviceMesh) -> int:
