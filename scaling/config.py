@@ -99,7 +99,8 @@ class ParallelConfig:
     ac_every: int = opt(2, "with selective activation checkpointing, checkpoint every n-th block")
     compile: bool | None = opt(None, "torch.compile each block; null: on for CUDA, off for CPU")
     reshard_after_forward: bool = opt(True, "FSDP: free gathered block parameters after forward "
-                                      "(less memory, one more all-gather in backward)")
+                                      "(less memory, one more all-gather in backward); ignored when dp_shard is 1 "
+                                      "(DDP, one process, pure TP): blocks keep their parameters there")
     sequence_parallel: bool = opt(True, "TP: split LayerNorm/dropout activations over the sequence too")
     loss_parallel: bool = opt(True, "TP: keep logits sharded over the vocabulary through the loss")
     timeout_s: int = opt(600, "seconds a collective may wait before the run fails")

@@ -17,7 +17,8 @@ V vocabulary, t tensor-parallel degree, d the FSDP shard degree:
 - parameters, gradients, AdamW m and v: 4 bytes each per parameter (fp32 master weights; bf16
   compute comes from FSDP's mixed precision), divided by d x t (d is 1 under DDP);
 - communication buffers: FSDP gathers a block's bf16 (or fp32) parameters for the block being
-  computed and the one prefetched, holds its unsharded gradients and a reduce-scatter input;
+  computed and the one prefetched (all L blocks when they keep them: d = 1 or
+  reshard_after_forward off), holds its unsharded gradients and a reduce-scatter input;
   the root (embeddings, LM head) stays gathered from forward to backward;
 - gradient accumulation with several data-parallel ranks: gradients are reduced once per step,
   so between micro batches every parameter's unsharded fp32 gradient is held, 4P/t; HSDP
@@ -93,6 +94,12 @@ def shape_of(cfg: Config, vocab_size: int) -> Shape:
                  root=P - m.n_layer * block, flops_per_token=model.flops_per_token(cfg.train.seq_len, min(vocab_size, model.cfg.vocab_size)))
 
 
+def resharded(p) -> bool:
+    """Whether blocks free their gathered parameters after forward: never with a shard degree
+    of 1, where there is nothing to free (apply_fsdp keeps them)."""
+    return p.reshard_after_forward and p.dp_shard > 1
+
+
 def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
     """Bytes per rank, by part, for micro batch b."""
     p, t = cfg.parallel, cfg.parallel.tp
@@ -101,8 +108,11 @@ def memory(cfg: Config, sh: Shape, b: int, device: str) -> dict:
     # FSDP's gathered copies: 2 blocks of parameters (current + prefetched) and one block's
     # unsharded gradients and reduce-scatter input; the root is kept gathered. bf16 is FSDP's
     # mixed precision on CPUs and GPUs alike: parameters are gathered in bf16.
+    # With a shard degree of 1 (or reshard_after_forward off) blocks keep their gathered
+    # parameters from forward to backward: all L of them are held (apply_fsdp).
     gathered = 2 if cfg.train.dtype == "bf16" else 4
-    out["comm_buffers"] = (2 * gathered + gathered + 4) * sh.block / t + (gathered + 4) * sh.root / t
+    held = 2 if resharded(p) else sh.L
+    out["comm_buffers"] = (held * gathered + gathered + 4) * sh.block / t + (gathered + 4) * sh.root / t
     # Gradient accumulation over several data-parallel ranks reduces once per step: between
     # micro batches FSDP2 holds every parameter's unsharded gradient in fp32. HSDP reduce-scatters
     # inside its shard group every micro batch and holds sharded fp32 gradients instead.
@@ -140,7 +150,7 @@ def traffic(cfg: Config, sh: Shape, gpus_per_node: int) -> dict:
     d, r = p.dp_shard, p.dp_replicate
     k = max(1, cfg.train.global_batch_size // (cfg.train.micro_batch_size * d * r))
     g = 2 if cfg.train.dtype == "bf16" else 4
-    gathered = ((2 if p.reshard_after_forward else 1) * sh.L * sh.block + sh.root) / t
+    gathered = ((2 if resharded(p) else 1) * sh.L * sh.block + sh.root) / t
     scatters = k if r > 1 and d > 1 else 1  # HSDP reduce-scatters every micro batch
     shard = (d - 1) / d * (k * g * gathered + scatters * 4 * sh.P / t)
     replicate = 2 * (r - 1) / r * 4 * sh.P / (d * t)

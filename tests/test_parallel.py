@@ -211,3 +211,54 @@ def test_gpt2_under_fsdp4_never_materialises_on_one_rank(tmp_path):
         assert local <= total / 4 + 50257  # an uneven last row at most
         assert grown < 0.75 * total * 4, grown  # well under the 498 MB of a whole fp32 copy
     print("per-rank parameters and RSS growth (bytes):", rows)
+
+
+KEEP_PROBE = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from scaling.config import load_config
+from scaling.distributed import init
+from scaling.parallel import ParallelDims, build_mesh
+from scaling.train import build_model
+cfg = load_config(None, ["--model.size=tiny", "--model.block_size=16", "--model.vocab_size=64",
+                         "--parallel.reshard_after_forward=true", *sys.argv[1:]])
+env = init("cpu", 60)
+p = cfg.parallel
+dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp)
+mesh, _ = build_mesh(dims, "cpu")
+model = build_model(cfg, 64, dims, mesh, torch.device("cpu"))
+model(torch.zeros(1, 8, dtype=torch.long))
+kept = [b._get_fsdp_state()._fsdp_param_group.is_unsharded for b in model.blocks]
+with open(f"result_rank{env.rank}.txt", "w") as f:
+    f.write(" ".join(map(str, kept)))
+dist.destroy_process_group()
+"""
+
+
+def blocks_kept_after_forward(tmp_path, processes, *overrides):
+    """Whether each block's FSDP group still holds its unsharded parameters after a forward,
+    on every rank (a torchrun of `processes` ranks, or one plain process)."""
+    script = tmp_path / "probe.py"
+    script.write_text(KEEP_PROBE)
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    p = subprocess.run([sys.executable, *launch, str(script), *overrides], cwd=tmp_path, env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [(tmp_path / f"result_rank{r}.txt").read_text().split() for r in range(processes)]
+
+
+@pytest.mark.parametrize("processes, overrides", [
+    (1, ["--parallel.dp_shard=1"]),
+    (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
+])
+def test_blocks_keep_their_parameters_after_forward_when_nothing_is_sharded(processes, overrides, tmp_path):
+    """One process and DDP: resharding would free whole parameters only to copy them again in
+    backward, so blocks keep them although reshard_after_forward is on."""
+    for kept in blocks_kept_after_forward(tmp_path, processes, *overrides):
+        assert kept and all(k == "True" for k in kept), kept
+
+
+def test_fsdp_blocks_free_their_gathered_parameters_after_forward(tmp_path):
+    for kept in blocks_kept_after_forward(tmp_path, 2, "--parallel.dp_shard=2"):
+        assert kept and all(k == "False" for k in kept), kept
