@@ -289,3 +289,38 @@ def test_stop_signal_saves_at_a_step_boundary_and_the_same_command_resumes(layou
     assert f"step_{step_of(saved[0])} at step {step_of(saved[0])}" in out
     got, want = losses_by_step(cut), losses_by_step(whole)
     assert {s: got[s] for s in want} == want
+
+
+def async_saves(tmp_path, values):
+    """Save {"model": {"w": v}} asynchronously at steps 1, 2, ... in this process; return the
+    Checkpointer and the address of the staged copy of w after each save."""
+    import torch
+    from scaling.checkpoint import Checkpointer
+    from scaling.config import load_config
+    cfg = load_config(None, ["--model.size=tiny", f"--logging.run_dir={tmp_path}", "--checkpoint.async_save=true",
+                             "--checkpoint.keep=0"])
+    ckpt = Checkpointer(cfg, {"kind": "bytes"}, "run")
+    w, staged = torch.zeros(1000), []
+    for step, v in enumerate(values, 1):
+        w.fill_(v)
+        ckpt.save(step, {"model": {"w": w}})
+        ckpt.wait()
+        staged.append(ckpt.stager.state_dict_cache["model"]["w"].data_ptr())
+    ckpt.close()
+    return ckpt, staged
+
+
+def test_async_saves_stage_into_the_same_host_memory_every_time(tmp_path):
+    ckpt, staged = async_saves(tmp_path, [1.0, 2.0, 3.0])
+    assert ckpt.stager.reused == 2
+    assert len(set(staged)) == 1
+
+
+def test_async_saves_into_reused_staging_memory_each_hold_their_own_values(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+    async_saves(tmp_path, [1.0, 2.0, 3.0])
+    for step, v in [(1, 1.0), (2, 2.0), (3, 3.0)]:
+        got = {"model": {"w": torch.empty(1000)}}
+        dcp.load(got, checkpoint_id=tmp_path / "checkpoints" / f"step_{step}")
+        assert torch.equal(got["model"]["w"], torch.full((1000,), v)), step
