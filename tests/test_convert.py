@@ -1,6 +1,7 @@
 """Import and export: Hugging Face GPT-2 folders, nanoGPT ckpt.pt, consolidated files, init_from."""
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import GPT2_BPE, ROOT, prepare_offline, read_metrics, run_module, tiny_args, tiny_hf_gpt2
+from conftest import GPT2_BPE, ROOT, prepare_offline, read_metrics, run_module, run_torchrun, tiny_args, tiny_hf_gpt2
 from scaling.weights import load_model, ours_to_nanogpt, read_weights
 
 transformers = pytest.importorskip("transformers")
@@ -80,6 +81,61 @@ def test_init_from_with_another_shape_is_a_one_line_error(trained, data_root, tm
                                                "--model.n_layer=3"))
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "n_layer=2" in p.stderr, p.stderr
 
+
+
+# init_from under several ranks: rank 0 alone reads the file, the others get their shards by broadcast.
+
+PARITY = ["--train.global_batch_size=8", "--train.max_steps=4", "--logging.every=1", "--train.eval_every=4",
+          "--parallel.timeout_s=60", "--optim.warmup_steps=2", "--train.dtype=fp32"]
+
+
+def test_init_from_under_fsdp2_trains_as_one_process_does(trained, data_root, tmp_path):
+    run_module("scaling.train", *tiny_args(data_root, tmp_path / "one", f"--model.init_from={trained}", *PARITY,
+                                           "--train.micro_batch_size=8"), check=True)
+    run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path / "two", f"--model.init_from={trained}", *PARITY,
+                                                "--train.micro_batch_size=4", "--parallel.dp_shard=2"))
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for key in ("loss", "val_loss"):
+        a, b = [r[key] for r in two if key in r], [r[key] for r in one if key in r]
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-5, abs=1e-5), key
+
+
+OPENS_PROBE = """
+import json, os, runpy, sys
+watched, out = sys.argv[1], sys.argv[2]
+opened = []
+sys.addaudithook(lambda event, args: event == "open" and str(args[0]) == watched and opened.append(event))
+sys.argv = ["scaling.train", *sys.argv[3:]]
+try:
+    runpy.run_module("scaling.train", run_name="__main__")
+finally:  # files, not stdout: ranks' prints interleave
+    with open(os.path.join(out, "rank" + os.environ["RANK"]), "w") as f:
+        json.dump(len(opened), f)
+"""
+
+
+def test_init_from_is_read_by_rank_0_alone(trained, data_root, tmp_path):
+    run_module("scaling.convert", trained, tmp_path / "ours.pt", check=True)
+    (tmp_path / "probe.py").write_text(OPENS_PROBE)
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "probe.py"), str(tmp_path / "ours.pt"), str(tmp_path),
+                        *map(str, tiny_args(data_root, tmp_path / "run", f"--model.init_from={tmp_path / 'ours.pt'}",
+                                            "--train.max_steps=1", "--parallel.dp_shard=2", "--parallel.timeout_s=60"))],
+                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "initialised from" in p.stdout
+    assert json.loads((tmp_path / "rank0").read_text()) >= 1
+    assert json.loads((tmp_path / "rank1").read_text()) == 0
+
+
+def test_init_from_with_another_shape_under_two_ranks_is_one_line_exit_2(trained, data_root, tmp_path):
+    p = run_torchrun(2, "scaling.train", *tiny_args(data_root, tmp_path, f"--model.init_from={trained}",
+                                                    "--model.n_layer=3", "--parallel.dp_shard=2",
+                                                    "--parallel.timeout_s=60"), check=False)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.init_from" in errors[0] and "n_layer=2" in errors[0], p.stderr[-3000:]
+    assert p.returncode != 0 and "failed (exitcode: 2)" in p.stderr, p.stderr[-3000:]  # torchrun's report of a rank
 
 # Anything that is not a checkpoint is one line naming the path and what was expected, exit 2.
 
