@@ -15,10 +15,9 @@ verified, and never the one just written. Only a new save at the same step moves
 step_<N> out of its way, to step_<N>.damaged.
 
 Async saving (checkpoint.async_save): the state is copied to host memory (the same memory every
-save, see Stager), then written by a
-background thread while training goes on; rank 0 computes the checksums, commits and cleans up
-in a background thread of its own, off the training loop. At most one save is in flight; the
-next save (or the end of training) waits for it.
+save, see Stager), then written by a background thread while training goes on; rank 0 computes
+the checksums, commits and cleans up in a background thread of its own, off the training loop.
+At most one save is in flight; the next save (or the end of training) waits for it.
 """
 
 import datetime
