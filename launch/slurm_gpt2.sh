@@ -169,8 +169,9 @@ if [ "$status" = 0 ]; then
 fi
 report "$status" "${STEP_LOGS[@]}"
 # Stopped early, not finished: after our own stop request, or when the training processes
-# themselves saved and stopped (a SIGTERM that reached them directly).
-if { [ "$stop_requested" = 1 ] && [ "$status" != 0 ]; } || [ "$status" = 75 ]; then
+# themselves saved and stopped (a SIGTERM that reached them directly): the report says 75 then,
+# whatever srun's status (--kill-on-bad-exit ends the nodes slower to exit than the first).
+if [ "$stop_requested" = 1 ] || [ "$CODE" = 75 ]; then
   echo "$(date +%T) stopped after saving (srun exit $status); requeueing job $SLURM_JOB_ID"
   if scontrol requeue "$SLURM_JOB_ID"; then
     ended "stopped and requeued (it resumes from the checkpoint just saved)" "${STEP_LOGS[@]}"

@@ -44,6 +44,7 @@ from scaling.errors import die
 
 BAD_INPUT = "launch: bad input: exit 2 (the workers said why)"
 SIGNAL_ENDED = re.compile(r"error: launch: SIG\w+ ended the workers")
+STOPPED = re.compile(r"launch: all \d+ workers saved their step and stopped")
 
 
 def launch(argv: list[str]) -> tuple[int, str]:
@@ -140,11 +141,16 @@ def report(logs: list[tuple[str, int]]) -> tuple[list[str], int]:
     Each `error: ...` line (one per failure, the project's rule) once, with how many ranks on
     which nodes printed it; not the C++ frames or tracebacks around them. The code: 2 when a node's
     workers refused their input, else 1 when a launcher reported a failure, else 0 (the logs
-    explain nothing)."""
-    said, codes = {}, set()  # line -> how often on each node; the launchers' exit codes
+    explain nothing); but EXIT_PREEMPTED, with no lines, when a node's workers all saved their
+    step and stopped and every other node said the same or was ended by a signal: a worker stops
+    only once the checkpoint is committed on every rank (Checkpointer.wait), and srun
+    --kill-on-bad-exit ends the nodes still on their way out, so srun's own status is 143 or 137."""
+    said, codes, stopped = {}, set(), False  # line -> how often on each node; the launchers' exit codes
     for node, (path, offset) in enumerate(logs):
         for line in read_from(path, offset).splitlines():
-            if line == BAD_INPUT:
+            if STOPPED.match(line):
+                stopped = True
+            elif line == BAD_INPUT:
                 codes.add(2)
             elif line.startswith("error: "):
                 said.setdefault(line, Counter())[node] += 1
@@ -152,7 +158,10 @@ def report(logs: list[tuple[str, int]]) -> tuple[list[str], int]:
                     codes.add(1)
     # After the first failure Slurm ends the other nodes' launchers with SIGTERM (srun
     # --kill-on-bad-exit): what they say is not a cause, unless nothing else is said.
-    causes = {line: nodes for line, nodes in said.items() if not SIGNAL_ENDED.match(line)} or said
+    causes = {line: nodes for line, nodes in said.items() if not SIGNAL_ENDED.match(line)}
+    if stopped and not causes and 2 not in codes:
+        return [], EXIT_PREEMPTED
+    causes = causes or said
     lines = []
     for line, nodes in sorted(causes.items(), key=lambda kv: kv[0].startswith("error: launch: ")):  # ranks first
         where = f"node{'s' if len(nodes) > 1 else ''} {spans(nodes)}"

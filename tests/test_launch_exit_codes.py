@@ -170,3 +170,20 @@ def test_a_job_report_calls_a_worker_killed_on_one_node_a_failure_naming_that_no
     killed = "error: launch: worker rank 1 (pid 4242) was killed by SIGKILL; the lines above say why"
     ended = "error: launch: SIGTERM ended the workers; 0 of 1 saved their step first (the newest complete checkpoint is intact)"
     assert report(node_logs(tmp_path, f"{NOISE}{ended}\n", f"{NOISE}{killed}\n")) == ([f"{killed}  [node 1]"], 1)
+
+
+STOPPED_LINE = outcome({}, saved=1, nproc=1, stopped_by=None)[1]  # what a launcher prints then
+
+
+def test_a_job_report_calls_a_stop_that_srun_cut_short_on_the_slower_node_a_clean_stop(tmp_path):
+    """A SIGTERM that reached the workers directly: they saved and stopped; node 0 exited 75 first and
+    srun --kill-on-bad-exit ended node 1 on its way out (srun's status 143). The checkpoint is
+    committed before any worker stops, so the job requeues: 75, nothing to report."""
+    ended = "error: launch: SIGTERM ended the workers; 0 of 1 saved their step first (the newest complete checkpoint is intact)"
+    assert report(node_logs(tmp_path, f"{STOPPED_LINE}\n", f"{STOPPED_LINE}\n{NOISE}")) == ([], 75)
+    assert report(node_logs(tmp_path, f"{STOPPED_LINE}\n", f"{NOISE}{ended}\n")) == ([], 75)
+
+
+def test_a_job_report_calls_a_stop_with_a_failed_worker_on_another_node_a_failure(tmp_path):
+    killed = "error: launch: worker rank 1 (pid 4242) was killed by SIGKILL; the lines above say why"
+    assert report(node_logs(tmp_path, f"{STOPPED_LINE}\n", f"{NOISE}{killed}\n")) == ([f"{killed}  [node 1]"], 1)
