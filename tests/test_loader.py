@@ -90,7 +90,8 @@ def test_a_resumed_loader_continues_the_uninterrupted_order_with_batches_read_ah
     resume on as many or another number of data-parallel ranks: every following step, across the
     next epoch boundary, equals the uninterrupted single-rank run."""
     windows = numbered_dataset(tmp_path / "d")
-    epoch_steps = windows.num_windows // 8  # 499 windows: the epochs do not fall on step boundaries
+    assert windows.num_windows % 8  # 498 windows: the epochs do not fall on step boundaries
+    epoch_steps = windows.num_windows // 8
     saved_at = 5 if at == "mid-epoch" else epoch_steps + 3
     whole = steps([DataLoader(windows, 2, 8, seed=5, workers=0)], saved_at + epoch_steps + 2)
     first = [DataLoader(windows, 2, 8, dp_rank=r, dp_size=before, seed=5, workers=2, prefetch_steps=3)
