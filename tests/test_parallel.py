@@ -231,6 +231,7 @@ model(torch.zeros(1, 8, dtype=torch.long))
 kept = [b._get_fsdp_state()._fsdp_param_group.is_unsharded for b in model.blocks]
 with open(f"result_rank{env.rank}.txt", "w") as f:
     f.write(" ".join(map(str, kept)))
+dist.barrier()  # both ranks done before either tears its group down (rank 0 once aborted in it)
 dist.destroy_process_group()
 """
 
