@@ -540,9 +540,10 @@ def load_pretrained(model, cfg, log):
     checks the file; the others wait for its verdict (a bad file is one line from rank 0 and exit
     2 on every rank), then receive their shard of each tensor by broadcast, one tensor at a time:
     the whole state dict sits in rank 0's host memory only (6.2 GB at XL, not 6.2 GB per rank)."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from scaling.distributed import on_rank0, world_size
+    from scaling.distributed import on_rank0
 
     sd = {}  # stays empty on the other ranks: set_model_state_dict takes theirs from rank 0
 
@@ -550,8 +551,10 @@ def load_pretrained(model, cfg, log):
         sd.update(_pretrained(cfg.model.init_from, model.cfg))
 
     on_rank0(read)
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True,
-                                                             broadcast_from_rank0=world_size() > 1))
+    # The process group, not the launcher's WORLD_SIZE: without a group on_rank0 ran read() here
+    # too, and there is nothing to broadcast over.
+    many = dist.is_initialized() and dist.get_world_size() > 1
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=many))
     model.tie_weights()
     log(f"initialised from {cfg.model.init_from}", flush=True)
 
