@@ -136,6 +136,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.slow
 def test_ranks_that_see_different_checkpoint_folders_resume_from_the_same_step(data_root, tmp_path):
     from conftest import run_torchrun
     args = tiny_args(data_root, tmp_path / "run", "--checkpoint.every=2", "--parallel.dp_shard=2")

@@ -57,7 +57,7 @@ def hf_dir(tmp_path_factory):
 # gpt2_xl_fsdp and cpu_demo shrink to gpt2_124m_fsdp's FSDP(2) too (cpu_demo also runs as `make
 # demo` in tests/test_readme.py), which keeps `make test` within its 15 minutes.
 SLOW_TIER = ("gpt2_774m_hsdp", "gpt2_xl_hsdp", "gpt2_350m_fsdp", "gpt2_774m_fsdp", "gpt2_124m_ddp", "gpt2_xl_fsdp_tp",
-             "gpt2_xl_fsdp", "cpu_demo")
+             "gpt2_xl_fsdp", "cpu_demo", "gpt2_124m_finetune_owt")
 
 
 def first_recipe_per_layout() -> set:
