@@ -5,7 +5,8 @@ torchrun ends every failure, a clean preemption stop included, with exit 1 and a
 scheduler or a retry loop cannot tell "saved, run me again" from a crash. This runs torchrun's
 own launcher (same options, same workers) and ends with one line and one code:
 
-  0   every worker finished (no line);
+  0   every worker finished (no line; under Slurm "launch: all N workers finished", so that a
+      job's report can tell a node that finished from one that was lost);
   75  every worker of this node saved its step and stopped (a preemption: run the same command);
   130 the same after Ctrl-C (no line: the workers' rank 0 said it);
   2   the workers refused their input (each said why, in one line);
@@ -15,6 +16,12 @@ own launcher (same options, same workers) and ends with one line and one code:
 A worker marks a clean stop in the folder SCALING_EXIT_DIR names (distributed.mark_preempted)
 before it exits, so the mark counts even when torchrun's shutdown signal ends it a moment later.
 The launchers in launch/ run torchrun through this module.
+
+Elastic runs (torchrun --nnodes=MIN:MAX --max-restarts=R, launch/slurm_gpt2.sh with SCALING_MIN_NODES):
+when a node dies, the other nodes' workers fail in a collective and their agents restart them on the
+nodes left, from the newest checkpoint. A restart cannot mend bad input (exit 2) or a loss that went
+non-finite (exit 3): those end the launcher at once. Under Slurm the head node (SLURM_NODEID 0) hosts
+the rendezvous store, whichever agent starts first.
 
 After a Slurm job step, launch/slurm_gpt2.sh runs `python -m scaling.launch --report LOG@OFFSET ...`
 (node k's log k-th, read from the byte offset where this step began): every rank's `error:` line
@@ -33,6 +40,8 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import PContext, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -45,6 +54,13 @@ from scaling.errors import die
 BAD_INPUT = "launch: bad input: exit 2 (the workers said why)"
 SIGNAL_ENDED = re.compile(r"error: launch: SIG\w+ ended the workers")
 STOPPED = re.compile(r"launch: all \d+ workers saved their step and stopped")
+FINISHED = "launch: all {} workers finished"
+# After a node dies, the nodes left meet again: the dead one's heartbeat expires after 3 beats 2 s
+# apart (torchrun: 3 x 5 s), then they wait 10 s more for stragglers (torchrun: 30 s) before
+# going on without it. Nodes that cannot make up the minimum give up after 10 minutes.
+ELASTIC_RENDEZVOUS = {"join_timeout": "600", "last_call_timeout": "10", "keep_alive_interval": "2",
+                      "keep_alive_max_attempt": "3"}
+NOT_MENDED_BY_A_RESTART = {2: "bad input", 3: "a non-finite loss"}  # the workers' exit codes
 
 
 def launch(argv: list[str]) -> tuple[int, str]:
@@ -54,11 +70,12 @@ def launch(argv: list[str]) -> tuple[int, str]:
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     if args.master_port is None:
         args.master_port = 29500
+    args.rdzv_conf = rendezvous_conf(args.nnodes, args.rdzv_conf, os.environ.get("SLURM_NODEID"))
     config, cmd, cmd_args = config_from_args(args)
     marks = Path(os.environ[EXIT_DIR])
     try:
         elastic_launch(config, cmd)(*cmd_args)
-        return 0, ""
+        return 0, FINISHED.format(config.nproc_per_node) if "SLURM_JOB_ID" in os.environ else ""
     except ChildFailedError as e:
         failures, stopped_by = e.failures, None
     except SignalException as e:
@@ -92,6 +109,41 @@ def give_workers_the_shutdown_timeout():
         close(self, death_sig, timeout)
 
     PContext.close = close_after_the_timeout
+
+
+def rendezvous_conf(nnodes: str, given: str, slurm_node: str | None) -> str:
+    """torchrun's --rdzv_conf for --nnodes: the given keys, plus ELASTIC_RENDEZVOUS's for an elastic
+    MIN:MAX, plus which agent hosts the rendezvous under Slurm: node 0, the head, whose address the
+    endpoint is. Left to itself each agent guesses from its host name, and on one machine (the
+    loopback cluster) any of them may win."""
+    conf = dict(kv.split("=", 1) for kv in given.split(",") if "=" in kv)
+    if slurm_node is not None:
+        conf.setdefault("is_host", str(int(slurm_node == "0")))
+    if len(set(nnodes.split(":"))) > 1:
+        conf = {**ELASTIC_RENDEZVOUS, **conf}
+    return ",".join(f"{k}={v}" for k, v in conf.items())
+
+
+def restart_only_what_a_restart_mends(marks: Path):
+    """torchrun's agent restarts its workers after any failure, up to --max-restarts times. Make
+    it stop at once when a worker exited with a code that says the same input fails the same way
+    again, and forget the clean-stop marks of the attempt before a restart (the next attempt's
+    ranks make their own). This process is torchrun's agent alone."""
+    monitor, restart = LocalElasticAgent._monitor_workers, SimpleElasticAgent._restart_workers
+
+    def monitor_workers(self, worker_group):
+        result = monitor(self, worker_group)
+        if result.is_failed() and {f.exitcode for f in result.failures.values()} & NOT_MENDED_BY_A_RESTART.keys():
+            self._remaining_restarts = 0
+        return result
+
+    def restart_workers(self, worker_group):
+        for mark in marks.glob("rank*"):
+            mark.unlink()
+        restart(self, worker_group)
+
+    LocalElasticAgent._monitor_workers = monitor_workers
+    SimpleElasticAgent._restart_workers = restart_workers
 
 
 def outcome(failures: dict, saved: int, nproc: int, stopped_by: str | None) -> tuple[int, str]:
@@ -187,6 +239,7 @@ def main(argv=None):
     give_workers_the_shutdown_timeout()
     with tempfile.TemporaryDirectory(prefix="scaling-launch-") as marks:
         os.environ[EXIT_DIR] = marks  # the workers inherit it
+        restart_only_what_a_restart_mends(Path(marks))
         code, line = launch(argv)
     if line == BAD_INPUT and "SLURM_JOB_ID" not in os.environ:
         line = ""  # rank 0's error line is the one to read; a Slurm job's report needs the mark

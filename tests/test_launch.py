@@ -18,10 +18,10 @@ from conftest import ROOT, TINY, read_metrics, run_module, run_torchrun, tiny_ar
 COMMON = ["--train.global_batch_size=8", "--train.micro_batch_size=4", "--parallel.timeout_s=60"]
 
 
-def sbatch(cluster, run_dir, data_root, *overrides, time_limit="10", env=None):
+def sbatch(cluster, run_dir, data_root, *overrides, time_limit="10", env=None, nodes=2):
     """`sbatch launch/slurm_gpt2.sh` with a tiny CPU recipe over both nodes; returns the job id."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    cmd = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0", f"--time={time_limit}",
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--cpus-per-task=1", "--gpus-per-node=0", f"--time={time_limit}",
            f"--output={run_dir}/slurm-%j.out", "launch/slurm_gpt2.sh",
            *map(str, tiny_args(data_root, run_dir, *COMMON, *overrides))]
     p = cluster.run(cmd, cwd=ROOT, env={"SCALING_DEVICE": "cpu", "SCALING_LOG_DIR": str(run_dir / "logs"), **(env or {})})

@@ -187,3 +187,52 @@ def test_a_job_report_calls_a_stop_that_srun_cut_short_on_the_slower_node_a_clea
 def test_a_job_report_calls_a_stop_with_a_failed_worker_on_another_node_a_failure(tmp_path):
     killed = "error: launch: worker rank 1 (pid 4242) was killed by SIGKILL; the lines above say why"
     assert report(node_logs(tmp_path, f"{STOPPED_LINE}\n", f"{NOISE}{killed}\n")) == ([f"{killed}  [node 1]"], 1)
+
+
+# A worker that exits with the code CODES gives for its attempt (torchrun's restart count), after
+# marking a clean stop for 75 as scaling.train does; every attempt is counted in ATTEMPTS.
+WORKER = """
+import os, sys
+from scaling.distributed import mark_preempted
+attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+with open(os.environ["ATTEMPTS"], "a") as f:
+    f.write(f"{attempt}\\n")
+code = int(os.environ["CODES"].split(",")[attempt])
+if code == 75:
+    mark_preempted(75)
+sys.exit(code)
+"""
+
+
+def launch_worker(tmp_path, codes, max_restarts):
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", CODES=codes, ATTEMPTS=str(tmp_path / "attempts"))
+    p = subprocess.run([sys.executable, "-m", "scaling.launch", "--standalone", "--nproc_per_node=1",
+                        f"--max-restarts={max_restarts}", "-m", "worker"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    return p, len((tmp_path / "attempts").read_text().split())
+
+
+@pytest.mark.parametrize("codes, exit_code, attempts", [("1,0", 0, 2), ("2,0", 2, 1), ("3,0", 1, 1)],
+                         ids=["crash-restarted", "bad-input-not", "non-finite-not"])
+def test_the_launcher_restarts_a_crash_but_not_what_would_fail_the_same_way_again(tmp_path, codes, exit_code, attempts):
+    p, ran = launch_worker(tmp_path, codes, max_restarts=1)
+    assert (p.returncode, ran) == (exit_code, attempts), p.stdout + p.stderr
+
+
+def test_a_clean_stop_before_a_restart_does_not_make_the_attempt_after_it_a_clean_stop(tmp_path):
+    """Another node's death makes the workers here stop cleanly (75) and torchrun restart them;
+    if that attempt then crashes, the launcher says so (1), not 'all workers saved and stopped'."""
+    p, ran = launch_worker(tmp_path, "75,1", max_restarts=1)
+    assert (p.returncode, ran) == (1, 2), p.stdout + p.stderr
+    assert "worker rank 0 (pid" in p.stderr and "exited with code 1" in p.stderr, p.stderr
+
+
+def test_an_elastic_rendezvous_gets_short_heartbeat_and_last_call_timeouts_and_slurm_node_0_hosts_it():
+    from scaling.launch import rendezvous_conf
+    conf = lambda *a: dict(kv.split("=") for kv in rendezvous_conf(*a).split(",") if kv)
+    assert conf("1:2", "", None) == {"join_timeout": "600", "last_call_timeout": "10", "keep_alive_interval": "2",
+                                     "keep_alive_max_attempt": "3"}
+    assert conf("1:2", "last_call_timeout=60", "1")["last_call_timeout"] == "60"  # the user's own settings win
+    assert conf("1:2", "", "1")["is_host"] == "0" and conf("2", "", "0") == {"is_host": "1"}
+    assert conf("2", "", None) == conf("2:2", "", None) == {}  # not elastic: torchrun's own defaults
