@@ -36,6 +36,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -61,6 +62,7 @@ FINISHED = "launch: all {} workers finished"
 ELASTIC_RENDEZVOUS = {"join_timeout": "600", "last_call_timeout": "10", "keep_alive_interval": "2",
                       "keep_alive_max_attempt": "3"}
 NOT_MENDED_BY_A_RESTART = {2: "bad input", 3: "a non-finite loss"}  # the workers' exit codes
+STARTED = []  # when this agent started its workers (after each rendezvous)
 
 
 def launch(argv: list[str]) -> tuple[int, str]:
@@ -82,6 +84,9 @@ def launch(argv: list[str]) -> tuple[int, str]:
         failures, stopped_by = {}, signal.Signals(e.sigval).name
     except RendezvousError as e:  # a node that cannot reach the head, or one that never came
         why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        if STARTED:  # it worked before: the nodes have lost it since
+            return 1, (f"error: launch: the rendezvous at {args.rdzv_endpoint} was lost after the workers started "
+                       f"({why}): its host, the head node, is gone, or fewer than the minimum of nodes are left")
         return 1, f"error: launch: the rendezvous at {args.rdzv_endpoint} failed ({why}): can every node reach it?"
     codes = [int(m.read_text() or EXIT_PREEMPTED) for m in marks.glob("rank*")]
     code, line = outcome(failures, len(codes), config.nproc_per_node, stopped_by)
@@ -128,8 +133,10 @@ def restart_only_what_a_restart_mends(marks: Path):
     """torchrun's agent restarts its workers after any failure, up to --max-restarts times. Make
     it stop at once when a worker exited with a code that says the same input fails the same way
     again, and forget the clean-stop marks of the attempt before a restart (the next attempt's
-    ranks make their own). This process is torchrun's agent alone."""
+    ranks make their own). Note when the workers started: a rendezvous lost after that is not
+    one that never formed. This process is torchrun's agent alone."""
     monitor, restart = LocalElasticAgent._monitor_workers, SimpleElasticAgent._restart_workers
+    initialize = SimpleElasticAgent._initialize_workers
 
     def monitor_workers(self, worker_group):
         result = monitor(self, worker_group)
@@ -142,7 +149,12 @@ def restart_only_what_a_restart_mends(marks: Path):
             mark.unlink()
         restart(self, worker_group)
 
+    def initialize_workers(self, worker_group):
+        initialize(self, worker_group)
+        STARTED.append(time.time())
+
     LocalElasticAgent._monitor_workers = monitor_workers
+    SimpleElasticAgent._initialize_workers = initialize_workers
     SimpleElasticAgent._restart_workers = restart_workers
 
 

@@ -118,6 +118,7 @@ def test_an_elastic_job_whose_head_node_dies_requeues_itself_and_finishes_withou
     print(f"\nkill of n1 (head) -> next training step: {took:.1f} s" if took else "\nno step after the kill seen")
     assert j["JobState"] == "COMPLETED" and j["Restarts"] == "1", out + logs + slurm.logs()
     assert re.search(r"failed \(lost: n1\); requeueing job", out), out
+    assert "was lost after the workers started" in out and "can every node reach it?" not in out, out
     assert "left out, lost before: n1" in out and "1 nodes x 1 processes, head n2" in out, out
     assert f"job {job} ended: finished" in out.splitlines()[-1], out
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
