@@ -54,7 +54,10 @@ COMPAT_TESTS := \
 	tests/test_checkpoint.py::test_stop_signal_saves_at_a_step_boundary_and_the_same_command_resumes \
 	tests/test_readme.py::test_the_readme_commands_run_in_order \
 	tests/test_gpu_check.py \
-	tests/test_launch.py::test_a_stop_save_longer_than_torchruns_30_s_still_commits_and_the_requeued_job_resumes
+	tests/test_launch.py::test_a_stop_save_longer_than_torchruns_30_s_still_commits_and_the_requeued_job_resumes \
+	tests/test_launch_exit_codes.py::test_the_launcher_restarts_a_crash_but_not_what_would_fail_the_same_way_again \
+	tests/test_launch_exit_codes.py::test_a_clean_stop_before_a_restart_does_not_make_the_attempt_after_it_a_clean_stop \
+	tests/test_elastic.py::test_two_torchrun_nodes_with_a_minimum_of_one_carry_on_when_one_dies
 # The project's requirements, dev extra included, all but its torch pin.
 NOT_TORCH := import re, importlib.metadata as m; print(*[r.split(";")[0] for r in m.requires("scaling") \
 	if re.match(r"[\w.-]+", r)[0] != "torch" and ("extra ==" not in r or "extra == \"dev\"" in r)])
