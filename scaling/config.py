@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 import sys
 import types
@@ -343,13 +344,19 @@ def _resolve_parallel(cfg: Config, world: int | None, per_node: int | None):
         raise ConfigError(f"train.seq_len: {t.seq_len} is not divisible by parallel.tp={dims.tp} "
                           "(sequence parallelism splits it)")
     p.dp_replicate, p.dp_shard, p.tp = dims.dp_replicate, dims.dp_shard, dims.tp
-    per_step = t.micro_batch_size * dims.dp
     if t.global_batch_size is None:
-        t.global_batch_size = per_step
-    elif t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dims.dp}; "
-                          + _batch_fixes(t.global_batch_size, t.micro_batch_size, dims.dp))
+        t.global_batch_size = t.micro_batch_size * dims.dp
+    elif t.global_batch_size % dims.dp:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} sequences do not split over "
+                          f"{dims.dp} data-parallel ranks; " + _batch_fixes(t.global_batch_size, t.micro_batch_size, dims.dp))
+    elif (share := t.global_batch_size // dims.dp) % t.micro_batch_size:
+        # A run resumed on fewer (or more) ranks keeps its global batch; the micro batch gives way.
+        micro = max(m for m in range(1, t.micro_batch_size) if share % m == 0)
+        if os.environ.get("RANK", "0") == "0":  # every rank resolves the same config
+            print(f"warning: train.micro_batch_size {t.micro_batch_size} does not divide the {share} sequences each "
+                  f"of {dims.dp} data-parallel ranks takes of train.global_batch_size={t.global_batch_size}: "
+                  f"using {micro} ({share // micro} micro batches per step)", file=sys.stderr, flush=True)
+        t.micro_batch_size = micro
     if p.ac_every < 1:
         raise ConfigError(f"parallel.ac_every: must be > 0, got {p.ac_every}")
 

@@ -163,7 +163,7 @@ def test_compile_leaves_the_run_unchanged(single, data_root, tmp_path):
      "parallel.tp: 2 does not divide model.n_head=1"),
     (["--parallel.dp_shard=-1", "--parallel.tp=-1"], "only one of"),
     (["--train.micro_batch_size=3", "--train.global_batch_size=9"],
-     "train.global_batch_size: 9 is not divisible by train.micro_batch_size x data-parallel ranks = 3 x 2"),
+     "train.global_batch_size: 9 sequences do not split over 2 data-parallel ranks"),
 ])
 def test_impossible_layout_fails_before_any_process_group(overrides, message, data_root, tmp_path):
     # WORLD_SIZE as torchrun would set it, but no torchrun: the check must come first.
