@@ -331,6 +331,22 @@ def compare_configs(path: Path, cfg: Config, tokenizer: dict) -> tuple[list[str]
     return refused, changed
 
 
+def world_size_change(path: Path, cfg: Config) -> dict | None:
+    """How the ranks and the split of the global batch differ from checkpoint `path`'s, or None
+    when the world size is the same (a run that lost a node, or gained some, resumes this way)."""
+    saved = _flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    dp_was = saved["parallel.dp_replicate"] * saved["parallel.dp_shard"]
+    p, t = cfg.parallel, cfg.train
+    dp = p.dp_replicate * p.dp_shard
+    if dp_was * saved["parallel.tp"] == dp * p.tp:
+        return None
+    return {"world_size_from": dp_was * saved["parallel.tp"], "world_size": dp * p.tp, "dp_from": dp_was, "dp": dp,
+            "accumulation_from": saved["train.global_batch_size"] // (saved["train.micro_batch_size"] * dp_was),
+            "accumulation": t.global_batch_size // (t.micro_batch_size * dp),
+            "micro_batch_size_from": saved["train.micro_batch_size"], "micro_batch_size": t.micro_batch_size,
+            "global_batch_size_from": saved["train.global_batch_size"], "global_batch_size": t.global_batch_size}
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -132,6 +132,15 @@ class Metrics:
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
+    def event(self, record: dict):
+        """A record that is not a step's (it has "event", and no loss): metrics.jsonl and wandb,
+        not the console (the caller says it in its own words)."""
+        if not self.enabled:
+            return
+        self.write_line((json.dumps(record) + "\n").encode())
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
     def write_line(self, line: bytes):
         """The whole line or nothing: a write cut short (a full disk) is undone, so that no half
         line stays for the next record, or a resumed run, to be glued onto."""

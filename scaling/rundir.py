@@ -107,6 +107,10 @@ def schedule_change(path: Path, cfg: Config) -> str | None:
     return f"the learning rate at step {step + 1} is {now:.2e}, where the schedule it was saved with had {was:.2e}{keep}"
 
 
+# Said once, in the world size's line, when the world size changed.
+LAYOUT_KEYS = ("parallel.dp_replicate:", "parallel.dp_shard:", "parallel.tp:", "train.micro_batch_size:")
+
+
 def check_fits(path: Path, cfg: Config, tokenizer: dict, report=print):
     """Refuse a checkpoint of another model shape; report every other change, one line each,
     and what a changed schedule does to the learning rate."""
@@ -114,6 +118,14 @@ def check_fits(path: Path, cfg: Config, tokenizer: dict, report=print):
     if refused:
         raise ConfigError(f"checkpoint.resume: {path} was trained with another model or data shape: "
                           f"{'; '.join(refused)} (change them back, or use another logging.run_dir)")
+    if c := checkpoint.world_size_change(path, cfg):  # one line for the layout and the batch split
+        changed = [line for line in changed if not line.startswith(LAYOUT_KEYS)]
+        micro = c["micro_batch_size"] if c["micro_batch_size"] == c["micro_batch_size_from"] else \
+            f"{c['micro_batch_size_from']} -> {c['micro_batch_size']}"
+        kept = " kept" if c["global_batch_size"] == c["global_batch_size_from"] else ""
+        report(f"resume: world size {c['world_size_from']} -> {c['world_size']} ranks (data-parallel {c['dp_from']} -> "
+               f"{c['dp']}): {c['accumulation_from']} -> {c['accumulation']} micro batches of {micro} sequences per "
+               f"rank and step, global batch of {c['global_batch_size']} sequences{kept}")
     for line in changed:
         report(f"resume: {line}")
     if changed and (line := schedule_change(path, cfg)):

@@ -181,7 +181,7 @@ def build(cfg: Config) -> Run:
     log(f"model: {model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
         f"{t.global_batch_size * t.seq_len:,} tokens/step | {dims.describe()} | device {device} | "
         f"dtype {t.dtype} | run_dir {cfg.logging.run_dir}", flush=True)
-    return Run(cfg, env, log, dims, tok, loader, TokenWindows(data_dir, "val", t.seq_len) if t.eval_every else None,
+    run = Run(cfg, env, log, dims, tok, loader, TokenWindows(data_dir, "val", t.seq_len) if t.eval_every else None,
                model, optimizer, loss_parallel if dims.tp > 1 and p.loss_parallel else contextlib.nullcontext,
                guard, NonFiniteSteps(device, t.on_nonfinite, log), ckpt, distributed.StopSignal(),
                Metrics(Path(cfg.logging.run_dir), enabled=env.is_main, config=to_dict(cfg),
@@ -189,6 +189,9 @@ def build(cfg: Config) -> Run:
                StepTimer(device, ("data", "compute", "optim")), flops_per_token, data_dir, step, tokens,
                (step, tokens), loss_sum=torch.zeros((), device=device),
                dp_group=dp_mesh.get_group() if dims.dp > 1 else None)
+    if resume and env.is_main and (change := checkpoint.world_size_change(resume, cfg)):  # open_run said it
+        run.metrics.event({"step": step, "event": "world_size", **change, "elapsed_s": run.metrics.elapsed()})
+    return run
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:

@@ -146,6 +146,7 @@ def test_an_elastic_job_given_more_nodes_grows_back_to_them(slurm, data_root, tm
     out, logs = (run / f"slurm-{second}.out").read_text(), logs_text(run)
     assert j["JobState"] == "COMPLETED", out + logs
     assert "2 nodes x 1 processes" in out and resumed_steps(logs) == [40], logs
+    assert "resume: world size 1 -> 2 ranks (data-parallel 1 -> 2): 2 -> 1 micro batches of 4" in logs, logs
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert steps == list(range(1, 81))
 
