@@ -123,6 +123,8 @@ NOT_RUN = [  # each with the reason the README gives
     "NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh recipes/gpt2_124m_fsdp.yaml",
     "NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh recipes/gpt2_124m_fsdp.yaml",
     "NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 SCALING_MODULE=scaling.bench launch/torchrun.sh comm",
+    "SCALING_MIN_NODES=3 sbatch --nodes=4 launch/slurm_gpt2.sh recipes/gpt2_xl_fsdp.yaml",  # tests/test_elastic.py
+    "NNODES=4 SCALING_MIN_NODES=3 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh RECIPE",
     "python -m scaling.eval weights/gpt2 hellaswag",
 ]
 
