@@ -106,6 +106,17 @@ def test_an_elastic_job_carries_on_without_a_dead_node_exactly_as_a_resume_by_ha
     got = {r["step"]: r["loss"] for r in records[cut:]}
     assert sorted(want) == sorted(got) == list(range(resumed + 1, 401))
     assert [got[s] for s in want] == pytest.approx([want[s] for s in want], abs=1e-5)
+    # And both end at the same place in the data: every sequence of the 400 steps' batches, once.
+    assert loader_state(run) == loader_state(by_hand) == {"position": 400 * 8, "seed": 1337, "seq_len": 64}
+
+
+def loader_state(run_dir: Path) -> dict:
+    """The data loader's state in a run's step-400 checkpoint."""
+    import warnings
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore")
+        return _load_state_dict_from_keys({"data"}, checkpoint_id=str(run_dir / "checkpoints" / "step_400"))["data"]
 
 
 def test_an_elastic_job_whose_head_node_dies_requeues_itself_and_finishes_without_it(slurm, data_root, tmp_path):
