@@ -353,8 +353,9 @@ def _resolve_parallel(cfg: Config, world: int | None, per_node: int | None):
         # A run resumed on fewer (or more) ranks keeps its global batch; the micro batch gives way.
         micro = max(m for m in range(1, t.micro_batch_size) if share % m == 0)
         if os.environ.get("RANK", "0") == "0":  # every rank resolves the same config
-            print(f"warning: train.micro_batch_size {t.micro_batch_size} does not divide the {share} sequences each "
-                  f"of {dims.dp} data-parallel ranks takes of train.global_batch_size={t.global_batch_size}: "
+            # stderr: stdout may be --print-config's YAML
+            print(f"warning: train.micro_batch_size {t.micro_batch_size} does not divide the {share} sequences per "
+                  f"rank of train.global_batch_size={t.global_batch_size} over {dims.dp} data-parallel ranks: "
                   f"using {micro} ({share // micro} micro batches per step)", file=sys.stderr, flush=True)
         t.micro_batch_size = micro
     if p.ac_every < 1:
@@ -362,19 +363,11 @@ def _resolve_parallel(cfg: Config, world: int | None, per_node: int | None):
 
 
 def _batch_fixes(batch: int, micro: int, dp: int) -> str:
-    """What would divide: the micro batch sizes nearest the given one (two below, two above) that
-    split each rank's share of the batch, and the global batches nearest this one that micro x dp
-    divides."""
-    fixes = []
-    if batch % dp == 0:
-        share = batch // dp
-        sizes = sorted({d for i in range(1, math.isqrt(share) + 1) if share % i == 0 for d in (i, share // i)})
-        near = [m for m in sizes if m < micro][-2:] + [m for m in sizes if m > micro][:2]
-        fixes.append(f"train.micro_batch_size {_or(near)}")
+    """What would split: the global batches nearest this one that dp ranks take in whole micro
+    batches of the configured size."""
     step = micro * dp
     below = batch // step * step
-    fixes.append(f"a global batch of {_or([b for b in (below, below + step) if b > 0])}")
-    return "use " + ", or ".join(fixes)
+    return "use a global batch of " + _or([b for b in (below, below + step) if b > 0])
 
 
 def _or(numbers: list[int]) -> str:

@@ -41,8 +41,8 @@ def test_a_micro_batch_that_does_not_divide_a_ranks_share_gives_way_to_the_large
     # per rank, which micro batches of 15 do not divide; the global batch, and so the run, stays.
     cfg = load_config(ROOT / "recipes" / "gpt2_124m_fsdp.yaml", [], world=24)
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (480, 10)
-    assert capsys.readouterr().err == ("warning: train.micro_batch_size 15 does not divide the 20 sequences each of "
-                                       "24 data-parallel ranks takes of train.global_batch_size=480: using 10 "
+    assert capsys.readouterr().err == ("warning: train.micro_batch_size 15 does not divide the 20 sequences per rank "
+                                       "of train.global_batch_size=480 over 24 data-parallel ranks: using 10 "
                                        "(2 micro batches per step)\n")
     assert load_config(DEMO, ["--train.global_batch_size=20", "--train.micro_batch_size=8"]).train.micro_batch_size == 5
 
