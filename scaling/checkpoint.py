@@ -335,6 +335,9 @@ def world_size_change(path: Path, cfg: Config) -> dict | None:
     """How the ranks and the split of the global batch differ from checkpoint `path`'s, or None
     when the world size is the same (a run that lost a node, or gained some, resumes this way)."""
     saved = _flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    keys = ("parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "train.micro_batch_size", "train.global_batch_size")
+    if not all(isinstance(saved.get(k), int) for k in keys):  # a config.yaml edited by hand: compare_configs says what
+        return None
     dp_was = saved["parallel.dp_replicate"] * saved["parallel.dp_shard"]
     p, t = cfg.parallel, cfg.train
     dp = p.dp_replicate * p.dp_shard

@@ -46,3 +46,10 @@ def test_print_config_on_more_ranks_gives_the_micro_batch_that_divides_and_says_
                         "train.global_batch_size=12 over 2 data-parallel ranks: using 3 (2 micro batches per step)\n")
     train = yaml.safe_load(p.stdout)["train"]  # stdout stays the YAML a run's config.yaml holds
     assert (train["global_batch_size"], train["micro_batch_size"]) == (12, 3)
+
+
+def test_a_hand_edited_checkpoint_config_without_the_layout_gives_no_world_size_change(tmp_path):
+    from scaling.checkpoint import world_size_change
+    from scaling.config import load_config
+    (tmp_path / "config.yaml").write_text("train:\n  micro_batch_size: 4\n")  # no parallel section
+    assert world_size_change(tmp_path, load_config(TINY, [], world=1)) is None
