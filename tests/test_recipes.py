@@ -113,8 +113,12 @@ def test_recipe_resolves_at_the_layout_it_documents(recipe):
     # The training run's own resolution and checks (degrees, TP inside a node, batch divisibility),
     # at the full-size world: no process group, no processes.
     nodes, per_node = documented_layout(recipe)
-    p = load_config(str(recipe), world=nodes * per_node, per_node=per_node).parallel
+    cfg = load_config(str(recipe), world=nodes * per_node, per_node=per_node)
+    p = cfg.parallel
     assert p.dp_replicate * p.dp_shard * p.tp == nodes * per_node
+    # At its own layout a recipe's micro batch divides each rank's share: it gives way (with a
+    # warning) only on another world size, as after a node is lost.
+    assert cfg.train.micro_batch_size == yaml.safe_load(recipe.read_text())["train"]["micro_batch_size"]
 
 
 def launcher_defaults() -> tuple[str, int, int]:
@@ -129,8 +133,10 @@ def launcher_defaults() -> tuple[str, int, int]:
 
 def test_launchers_default_recipe_resolves_at_the_launchers_default_layout():
     recipe, nodes, per_node = launcher_defaults()
-    p = load_config(str(ROOT / recipe), world=nodes * per_node, per_node=per_node).parallel
+    cfg = load_config(str(ROOT / recipe), world=nodes * per_node, per_node=per_node)
+    p = cfg.parallel
     assert p.dp_replicate * p.dp_shard * p.tp == nodes * per_node
+    assert cfg.train.micro_batch_size == yaml.safe_load((ROOT / recipe).read_text())["train"]["micro_batch_size"]
 
 
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r.stem in SLOW_TIER else r for r in RECIPES],
