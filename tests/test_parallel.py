@@ -61,10 +61,11 @@ def test_single_process_accumulation_matches_one_big_batch(single, data_root, tm
 
 
 # The default tier runs 2-process layouts with accumulation (which covers the step without it
-# too) and 4-process ones without (their accumulation takes as long again); the slow tier the rest.
+# too) and FSDP x TP without (4 processes: their accumulation takes as long again); the slow
+# tier the rest, HSDP included.
 @pytest.mark.parametrize("layout, accumulate", [
     pytest.param(layout, accumulate, id=f"{layout}-{'accum' if accumulate else 'no_accum'}",
-                 marks=[pytest.mark.slow] if accumulate == (LAYOUTS[layout][0] == 4) else [])
+                 marks=[pytest.mark.slow] if accumulate == (LAYOUTS[layout][0] == 4) or layout == "hsdp2x2" else [])
     for layout in LAYOUTS for accumulate in (False, True)])
 def test_layout_reproduces_single_process_run(layout, accumulate, single, data_root, tmp_path):
     nproc, dp, overrides = LAYOUTS[layout]
@@ -193,6 +194,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_gpt2_under_fsdp4_never_materialises_on_one_rank(tmp_path):
     """124M parameters over 4 ranks: each rank holds a quarter, and no rank's memory ever grew
     by the size of the whole model (it is built on the meta device and initialised per shard)."""

@@ -468,6 +468,7 @@ for _ in range(2):
 """
 
 
+@pytest.mark.slow
 def test_the_tokenizer_pool_closes_even_when_its_workers_inherit_a_python_sigterm_handler():
     # In a process of its own, so that the handler does not stay in this one. A regression hangs:
     # the timeout makes it a failure, and the process group (the pool's workers too) is killed.

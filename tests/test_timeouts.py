@@ -54,7 +54,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k == "fsdp2_tp2" else k for k in LAYOUTS])
 def test_every_process_group_of_a_run_times_out_after_parallel_timeout_s(layout, data_root, tmp_path):
     """Read back from each backend (gloo serves both cpu and cuda here) of each group on every rank."""
     overrides, mesh_groups = LAYOUTS[layout]
