@@ -100,6 +100,7 @@ for name, overrides in layouts.items():
 if rank == 0:
     with open(out, "w") as f:
         json.dump(result, f)
+dist.barrier()  # every rank done before any tears its group down (gloo aborted a rank there)
 dist.destroy_process_group()
 '''
 
@@ -119,6 +120,7 @@ def probe(data_root, tmp_path_factory):
     return run_layout_probe(PROBE, data_root, LAYOUTS, tmp_path_factory.mktemp("dropout"))
 
 
+@pytest.mark.slow  # one 4-process probe of every layout: the default tier has no room for it
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_ranks_draw_the_same_masks_exactly_when_they_hold_the_same_activations(layout, probe):
     r = probe[layout]
@@ -130,11 +132,13 @@ def test_ranks_draw_the_same_masks_exactly_when_they_hold_the_same_activations(l
             assert (r["draws"][i] == r["draws"][j]) == (same_data and same_positions), (i, j)
 
 
+@pytest.mark.slow  # one 4-process probe of every layout: the default tier has no room for it
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_replicated_parameters_get_identical_gradients_with_dropout_on(layout, probe):
     assert probe[layout]["differ"] == []
 
 
+@pytest.mark.slow  # one 4-process probe of every layout: the default tier has no room for it
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_the_loss_with_dropout_agrees_with_one_process_statistically(layout, probe):
     """Same weights, same global batch: without dropout the losses are equal; with it, over 20

@@ -283,6 +283,7 @@ every = [None] * dist.get_world_size()
 dist.all_gather_object(every, seen)
 if dist.get_rank() == 0:
     json.dump({"split": split, "alone": alone, "seen": every}, open(out, "w"))
+dist.barrier()  # every rank done before any tears its group down (gloo aborted a rank there)
 dist.destroy_process_group()
 '''
 

@@ -190,6 +190,7 @@ local = sum(p.to_local().numel() for p in model.parameters())
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
 with open(f"result_rank{env.rank}.txt", "w") as f:  # files, not stdout: ranks' prints interleave
     f.write(f"{local} {model.num_params()} {grown}")
+dist.barrier()  # every rank done before any tears its group down (gloo aborted a rank there)
 dist.destroy_process_group()
 """
 

@@ -81,6 +81,7 @@ params = sum(local(q).numel() * 4 for q in model.parameters())
 state = sum(local(v).numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
 with open(f"bytes_rank{dist.get_rank()}.txt", "w") as f:  # files, not stdout: ranks' prints interleave
     f.write(f"{params} {state} {held}")
+dist.barrier()  # every rank done before any tears its group down (gloo aborted a rank there)
 dist.destroy_process_group()
 """
 

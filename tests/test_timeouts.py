@@ -41,6 +41,7 @@ dist.all_gather_object(every, groups)
 if dist.get_rank() == 0:
     Path(out).write_text(json.dumps(every))
 run.stop.restore()
+dist.barrier()  # every rank done before any tears its group down (gloo aborted a rank there)
 dist.destroy_process_group()
 '''
 
